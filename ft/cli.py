@@ -1,0 +1,325 @@
+"""The `ft` command line: one thin function per command.
+
+Each command parses its flags, calls the library and sets the exit code; no logic lives here. Heavy
+libraries are imported inside the commands that need them, so `ft --help` answers at once.
+Exit codes: 0 ok, 2 a problem with the input (one line on stderr), 1 a bug, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ft.errors import FtError
+
+MAIN_HELP = """\
+examples:
+  ft run                                   # the whole loop on the built-in default recipe
+  ft run --recipe tiny                     # offline CPU smoke run with a tiny model (seconds)
+  ft data check --train data/train.jsonl   # validate your data against the default recipe
+  ft size --gpu rtx4090                    # will the recipe fit on a 24 GB card, and how long?
+  ft verify bundles/default-*.tar.gz       # check a sealed bundle someone sent you
+
+The loop: size -> check data -> train (QLoRA) -> eval vs the untouched base -> KEEP/DISCARD -> seal.
+Every setting comes from a recipe (built-in name or YAML file), FT_* environment variables
+(FT_TRAIN__LEARNING_RATE=1e-4) or --set train.learning_rate=1e-4, strongest last.
+"""
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe", "-r", default=os.environ.get("FT_RECIPE") or "default",
+        help="built-in recipe name (default, tiny) or a YAML file [env FT_RECIPE; default: default]",
+    )
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set lora.r=32 (repeatable)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _sub(subs, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name, help=help, description=f"example:\n  {example}\n\n{help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _settings(args):
+    from ft.config import load_settings
+
+    overrides = list(args.overrides)
+    if getattr(args, "train_files", None):
+        overrides.append(f"data.train={json.dumps(args.train_files)}")
+    if getattr(args, "eval_files", None):
+        overrides.append(f"data.eval={json.dumps(args.eval_files)}")
+    return load_settings(args.recipe, overrides)
+
+
+def _out(text: str) -> None:
+    from ft.secrets import redact
+
+    print(redact(text), flush=True)
+
+
+# -- commands -----------------------------------------------------------------------------------------
+def cmd_env(args) -> int:
+    from ft import manifest
+
+    env = manifest.capture(with_torch=not args.short, full=args.json)
+    _out(json.dumps(env, indent=2) if args.json else manifest.render(env))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from ft.config import builtin_recipes, field_docs, load_settings
+
+    if args.name:
+        _out(load_settings(args.name).to_yaml())
+        return 0
+    for name, path in sorted(builtin_recipes().items()):
+        desc = load_settings(path).description
+        _out(f"{name:10s} {desc}")
+    if args.reference:
+        _out("")
+        for key, default, doc in field_docs():
+            _out(f"{key:28s} {default:24s} {doc}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    settings = _settings(args)
+    from ft import data
+    from ft.pipeline import check_data
+
+    try:
+        prep = check_data(settings)
+    except data.DataError as exc:
+        if args.verbose:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+        raise
+    _out(json.dumps(prep.check.report, indent=2) if args.json else data.render_report(prep.check.report))
+    return 0
+
+
+def cmd_size(args) -> int:
+    from ft import sizing
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.seq:
+        overrides.append(f"train.max_seq_length={args.seq}")
+    args.overrides = overrides
+    settings = _settings(args)
+    report = sizing.size_report(settings, gpu=args.gpu, micro_batch=args.micro_batch)
+    if args.probe:
+        report.probe = sizing.probe(settings)
+    _out(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0
+
+
+def _prepare_run(args, settings):
+    """Check the data, then reuse an unfinished run (--resume) or create a new one."""
+    from ft import pipeline
+
+    prep = pipeline.check_data(settings)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is None and args.resume not in (None, "no"):
+        run_dir = pipeline.find_resumable_run(settings)
+    if run_dir is None or not run_dir.exists():
+        run_dir = pipeline.create_run(prep)
+    _out(f"run directory: {run_dir}")
+    return prep, run_dir
+
+
+def cmd_train(args) -> int:
+    from ft import pipeline
+
+    settings = _settings(args)
+    prep, run_dir = _prepare_run(args, settings)
+    result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
+    _out(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.runtime_s:.1f} s, backend {result.backend})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ft import pipeline
+
+    run_dir = Path(args.run_dir)
+    settings = pipeline.settings_of_run(run_dir)
+    prep = pipeline.check_data(settings)
+    meta = pipeline.read_run(run_dir)
+    if meta.get("data_sha256") != prep.data_sha256:
+        raise FtError(f"{run_dir}: the data changed since this run was trained (sha256 differs); evaluate a new run")
+    report = pipeline.eval_stage(prep, run_dir)
+    _out((run_dir / "decision.md").read_text(encoding="utf-8"))
+    return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
+
+
+def cmd_package(args) -> int:
+    from ft import pipeline
+
+    run_dir = Path(args.run_dir)
+    settings = pipeline.settings_of_run(run_dir)
+    if args.out:
+        settings.output.bundle_dir = args.out
+    result = pipeline.package_stage(settings, run_dir, include_data=args.include_data or None, sign_key=args.sign_key)
+    _out(result.render())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ft import bundle
+
+    report = bundle.verify(Path(args.bundle), key=Path(args.key) if args.key else None)
+    _out(report.render())
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from ft import signing
+
+    signing.generate_keypair(Path(args.private), Path(args.public))
+    _out(f"wrote {args.private} (keep it secret) and {args.public} (share it)")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from ft import reproduction
+
+    outcome = reproduction.reproduce(Path(args.bundle), Path(args.work))
+    _out(outcome.render())
+    return 0 if outcome.passed else 3
+
+
+def cmd_run(args) -> int:
+    from ft import pipeline
+
+    settings = _settings(args)
+    prep, run_dir = _prepare_run(args, settings)
+    meta = pipeline.read_run(run_dir)
+    if meta.get("status") not in ("trained", "complete"):
+        pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
+    report = pipeline.eval_stage(prep, run_dir)
+    _out((run_dir / "decision.md").read_text(encoding="utf-8"))
+    if not args.no_package:
+        _out(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None).render())
+    return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
+
+
+# -- parser -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from ft import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ft", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"ft {__version__}")
+    _common(parser)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def train_flags(p):
+        _recipe_args(p)
+        p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
+                       help="continue the newest unfinished run of this recipe from its last complete checkpoint")
+        p.add_argument("--force", action="store_true", help="resume even if the recipe or data changed")
+        p.add_argument("--run-dir", help="use this run directory (default: a new one under output.dir)")
+
+    p = _sub(subs, "run", "check -> train -> eval -> package, in one command", "ft run --recipe tiny", cmd_run)
+    train_flags(p)
+    p.add_argument("--no-package", action="store_true", help="stop after the evaluation")
+    p.add_argument("--include-data", action="store_true", help="copy the data files into the bundle")
+    p.add_argument("--strict", action="store_true", help="exit with 3 when the verdict is DISCARD")
+
+    p = _sub(subs, "data", "data commands", "ft data check --train data/train.jsonl", None)
+    dsubs = p.add_subparsers(dest="data_command", metavar="check")
+    p = _sub(dsubs, "check", "validate, normalise and describe the data under a recipe",
+             "ft data check --recipe default --train data/train.jsonl --eval data/eval.jsonl", cmd_data_check)
+    _recipe_args(p)
+    p.add_argument("--train", dest="train_files", action="append", metavar="FILE", help="training file (repeatable)")
+    p.add_argument("--eval", dest="eval_files", action="append", metavar="FILE", help="held-out file (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the data manifest as JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="list every problem, not just the first")
+
+    p = _sub(subs, "size", "predict peak GPU memory, the largest micro-batch that fits and the wall time",
+             "ft size --recipe default --gpu 24GiB --seq 2048", cmd_size)
+    _recipe_args(p)
+    p.add_argument("--model", help="Hub id, local directory or preset (e.g. qwen2.5-7b); default: the recipe's")
+    p.add_argument("--seq", type=int, help="sequence length (default: train.max_seq_length)")
+    p.add_argument("--micro-batch", type=int, help="micro-batch to predict for (default: the recipe's or the largest fit)")
+    p.add_argument("--gpu", help="GPU to size against: the one present, a size (24GiB, 80GB) or a name (rtx4090, h100)")
+    p.add_argument("--probe", action="store_true", help="also run a few real steps on the GPU and measure")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subs, "train", "train a LoRA adapter (checkpoints, --resume auto)", "ft train --recipe tiny --resume auto", cmd_train)
+    train_flags(p)
+
+    p = _sub(subs, "eval", "base vs tuned on the held-out prompts, then KEEP or DISCARD", "ft eval runs/tiny-20261122-101500-1a2b3c4d", cmd_eval)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--strict", action="store_true", help="exit with 3 when the verdict is DISCARD")
+
+    p = _sub(subs, "package", "seal a finished run into a verifiable bundle (+ .tar.gz)", "ft package runs/tiny-20261122-101500-1a2b3c4d", cmd_package)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="bundle directory (default: output.bundle_dir)")
+    p.add_argument("--include-data", action="store_true", help="copy the data files into the bundle")
+    p.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign MANIFEST.json with (see `ft keygen`)")
+
+    p = _sub(subs, "verify", "recompute every checksum of a bundle (directory or .tar.gz)", "ft verify bundles/tiny-20261122-101500-1a2b3c4d.tar.gz --key ft.pub", cmd_verify)
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--key", help="public key (PEM) that must have signed MANIFEST.json")
+
+    p = _sub(subs, "reproduce", "re-run a bundle's recipe on its data and compare environment and metrics", "ft reproduce bundles/tiny-20261122-101500-1a2b3c4d.tar.gz", cmd_reproduce)
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--work", default="reproduce", help="where to re-run (default: ./reproduce)")
+
+    p = _sub(subs, "keygen", "make an Ed25519 key pair for signing bundles", "ft keygen ft.key ft.pub", cmd_keygen)
+    p.add_argument("private")
+    p.add_argument("public")
+
+    p = _sub(subs, "env", "print the environment manifest recorded with every result", "ft env --json", cmd_env)
+    p.add_argument("--json", action="store_true", help="full manifest including every installed distribution")
+    p.add_argument("--short", action="store_true", help="skip torch (fast)")
+
+    p = _sub(subs, "recipes", "list built-in recipes, show one resolved, or print the settings reference", "ft recipes default", cmd_recipes)
+    p.add_argument("name", nargs="?", help="show this recipe fully resolved")
+    p.add_argument("--reference", action="store_true", help="every setting with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args)
+    except FtError as exc:
+        if args.debug:
+            raise
+        from ft.secrets import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; a complete checkpoint, if any, can be resumed with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a readable line
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Scores for one prediction against its reference, their averages, and the keep/discard rule.
+
+Pure functions on strings and numbers, so every rule here is unit-tested without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ft.config import LOWER_IS_BETTER
+
+_WS = re.compile(r"\s+")
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    return _WS.sub(" ", text.strip())
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(normalise(pred) == normalise(ref))
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """Harmonic mean of token precision and recall (words and punctuation, case-folded)."""
+    p, r = _TOKEN.findall(pred.casefold()), _TOKEN.findall(ref.casefold())
+    if not p and not r:
+        return 1.0
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_json(text: str) -> Any | None:
+    """The prediction as JSON, tolerating surrounding whitespace and a ```json fence; None if invalid."""
+    s = text.strip()
+    if s.startswith("```"):
+        s = s.strip("`").removeprefix("json").strip()
+    try:
+        return json.loads(s)
+    except ValueError:
+        return None
+
+
+def schema_valid(parsed: Any, validator) -> float:
+    return float(parsed is not None and validator is not None and not any(validator.iter_errors(parsed)))
+
+
+def label_of(parsed: Any, text: str, label_field: str) -> str | None:
+    if isinstance(parsed, dict) and label_field in parsed:
+        return str(parsed[label_field])
+    return None
+
+
+def score(pred: str, ref: str, *, validator=None, label_field: str | None = None) -> dict[str, float]:
+    parsed = parse_json(pred)
+    scores = {
+        "exact_match": exact_match(pred, ref),
+        "token_f1": token_f1(pred, ref),
+        "json_valid": float(parsed is not None),
+    }
+    if validator is not None:
+        scores["schema_valid"] = schema_valid(parsed, validator)
+    if label_field:
+        ref_label = label_of(parse_json(ref), ref, label_field)
+        scores["label_accuracy"] = float(ref_label is not None and label_of(parsed, pred, label_field) == ref_label)
+    return scores
+
+
+def average(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    keys = rows[0].keys()
+    return {k: round(sum(r[k] for r in rows) / len(rows), 6) for k in keys}
+
+
+@dataclass
+class Decision:
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    deltas: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "reasons": self.reasons, "deltas": self.deltas}
+
+
+def improvement(metric: str, base: float, tuned: float) -> float:
+    """Signed improvement: positive is better, whichever direction the metric runs."""
+    return base - tuned if metric in LOWER_IS_BETTER else tuned - base
+
+
+def decide(base: dict[str, float], tuned: dict[str, float], eval_settings) -> Decision:
+    """KEEP when the primary metric improves by at least `min_improvement` and no guard metric gets
+    worse by more than `max_regression`; otherwise DISCARD. Every check contributes a reason."""
+    e = eval_settings
+    reasons, deltas, keep = [], {}, True
+    for metric in [e.primary_metric, *e.guard_metrics]:
+        if metric not in base or metric not in tuned:
+            reasons.append(f"{metric}: not measured on this data, so it cannot support KEEP")
+            keep = keep and metric != e.primary_metric
+            continue
+        deltas[metric] = round(improvement(metric, base[metric], tuned[metric]), 6)
+    p = e.primary_metric
+    if p in deltas:
+        ok = deltas[p] >= e.min_improvement
+        keep &= ok
+        reasons.insert(
+            0,
+            f"primary {p}: base {base[p]:.4f} -> tuned {tuned[p]:.4f} (improvement {deltas[p]:+.4f}, "
+            f"needs >= {e.min_improvement:+.4f}) {'ok' if ok else 'FAILS'}",
+        )
+    for g in e.guard_metrics:
+        if g in deltas:
+            ok = deltas[g] >= -e.max_regression
+            keep &= ok
+            reasons.append(
+                f"guard {g}: base {base[g]:.4f} -> tuned {tuned[g]:.4f} (change {deltas[g]:+.4f}, "
+                f"may fall at most {e.max_regression:.4f}) {'ok' if ok else 'FAILS'}"
+            )
+    return Decision("KEEP" if keep else "DISCARD", reasons, deltas)

@@ -1,0 +1,367 @@
+"""Trainer assembly, atomic checkpoints and resume.
+
+TRL's SFTTrainer drives the loop on pre-tokenised rows (input_ids + labels masked to assistant tokens,
+built by `ft.encode`). What ft adds on top:
+
+- checkpoints are staged in a hidden sibling, fsynced, stamped with a marker (`ft-checkpoint.json`,
+  written last) and renamed into `checkpoints/step-NNNNNN`; only marked checkpoints are ever resumed;
+- a resume compares the checkpoint's recipe and data hashes with the current ones and refuses a silent
+  mismatch, naming what changed;
+- per-step metrics (loss, learning rate, grad norm, tokens/s) go to `metrics.jsonl` and a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ft.errors import FtError
+from ft.fsutil import fsync_dir, fsync_tree, remove_stale_partials, write_json
+
+CHECKPOINT_MARKER = "ft-checkpoint.json"
+CHECKPOINT_PREFIX = "step-"
+# Settings that may differ between a checkpoint and its resume without changing the maths.
+RESUME_SAFE_KEYS = {"output", "export", "eval", "description"}
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    backend: str
+    backend_reason: str
+    device: str
+    micro_batch: int
+    grad_accum: int
+    steps: int
+    train_loss: float | None
+    runtime_s: float
+    tokens_seen: int
+    resumed_from: str | None
+    micro_batch_attempts: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["adapter_dir"] = str(self.adapter_dir)
+        return d
+
+
+# Optimizer steps completed in this process: tells an out-of-memory at start-up (retry with a smaller
+# micro-batch) from one in the middle of a run (stop, keep the last checkpoint).
+_steps_done_in_process = 0
+
+
+def started() -> bool:
+    return _steps_done_in_process > 0
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (marker present), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def read_marker(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        if not prefix and k in RESUME_SAFE_KEYS:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_compatible(marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool) -> None:
+    """Refuse to resume a checkpoint made from another recipe or other data, unless forced."""
+    problems = []
+    changed = _differences(marker.get("recipe", {}), recipe)
+    if changed:
+        problems.append("recipe changed (" + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "") + ")")
+    if marker.get("data_sha256") != data_sha256:
+        problems.append(f"data changed (sha256 {str(marker.get('data_sha256'))[:12]} -> {data_sha256[:12]})")
+    if problems and not force:
+        raise FtError(
+            f"cannot resume from {marker.get('checkpoint', 'checkpoint')}: " + " and ".join(problems),
+            hint="start a new run, or pass --force to resume anyway",
+        )
+
+
+def find_resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    """`--resume auto` -> last complete checkpoint (or None to start fresh); a path -> that checkpoint."""
+    if resume in (None, "", "no", "never"):
+        return None
+    if resume == "auto":
+        checkpoints = list_checkpoints(run_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise FtError(f"--resume {resume}: not a complete ft checkpoint (no {CHECKPOINT_MARKER})")
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- trainer assembly ---------------------------------------------------------------------------------
+def _callbacks(run_dir: Path, total_steps_hint: int | None):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    class MetricsAndProgress(TrainerCallback):
+        """metrics.jsonl (appended, flushed per line so a kill loses at most one line) and a progress bar."""
+
+        def __init__(self):
+            self.bar = None
+            self.t_last = None
+            self.tokens_last = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            global _steps_done_in_process
+            _steps_done_in_process += 1
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            now = time.perf_counter()
+            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            if "loss" in logs:
+                dt = max(now - (self.t_last or now), 1e-9)
+                tokens = state.num_input_tokens_seen - self.tokens_last
+                row.update(
+                    kind="train",
+                    loss=logs["loss"],
+                    learning_rate=logs.get("learning_rate"),
+                    grad_norm=logs.get("grad_norm"),
+                    tokens_per_s=round(tokens / dt, 1),
+                    tokens_seen=state.num_input_tokens_seen,
+                )
+                self.t_last, self.tokens_last = now, state.num_input_tokens_seen
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+            elif "eval_loss" in logs:
+                row.update(kind="eval", eval_loss=logs["eval_loss"])
+            else:
+                return
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return [MetricsAndProgress()]
+
+
+def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, Any], keep_last: int):
+    """Subclass the backend's trainer so every checkpoint is staged, fsynced, marked and renamed."""
+
+    class AtomicCheckpointTrainer(base_cls):
+        def _save_checkpoint(self, model, trial):
+            root = run_dir / "checkpoints"
+            step = self.state.global_step
+            final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+            staging_parent = root / f".staging-{step:06d}.partial"
+            shutil.rmtree(staging_parent, ignore_errors=True)
+            original = self.args.output_dir
+            self.args.output_dir = str(staging_parent)
+            try:
+                super()._save_checkpoint(model, trial)  # writes staging_parent/checkpoint-<step>
+            finally:
+                self.args.output_dir = original
+            written = staging_parent / f"checkpoint-{step}"
+            marker = {
+                **marker_extra,
+                "checkpoint": final.name,
+                "step": step,
+                "epoch": self.state.epoch,
+                "micro_batch": self.args.per_device_train_batch_size,
+                "grad_accum": self.args.gradient_accumulation_steps,
+                "tokens_seen": self.state.num_input_tokens_seen,
+                "files": sorted(p.name for p in written.iterdir()),
+            }
+            fsync_tree(written)
+            write_json(written / CHECKPOINT_MARKER, marker)  # the marker is written last
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(written, final)
+            fsync_dir(root)
+            shutil.rmtree(staging_parent, ignore_errors=True)
+            prune_checkpoints(run_dir, keep_last)
+
+    return AtomicCheckpointTrainer
+
+
+def _to_dataset(rows: list[dict[str, Any]]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    from transformers import enable_full_determinism, set_seed
+
+    if deterministic:
+        enable_full_determinism(seed)
+    else:
+        set_seed(seed)
+
+
+def build_sft_config(settings, run_dir: Path, device: str, micro: int, accum: int, dtype: str, has_eval: bool):
+    from trl import SFTConfig
+
+    t = settings.train
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=max(1, micro),
+        gradient_accumulation_steps=accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        full_determinism=t.deterministic,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu=device == "cpu",
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=None,  # ft prunes its own (marked) checkpoints
+        eval_strategy="epoch" if has_eval else "no",
+        report_to="none",
+        disable_tqdm=True,  # ft draws its own bar with loss and learning rate
+        include_num_input_tokens_seen="non_padding",
+        max_length=t.max_seq_length,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        completion_only_loss=False,
+    )
+
+
+def train(
+    settings,
+    run_dir: Path,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    *,
+    data_sha256: str,
+    device: str,
+    backend: str,
+    backend_reason: str,
+    micro_batch: int,
+    resume: str | None = None,
+    force: bool = False,
+) -> TrainResult:
+    """Train a LoRA adapter into `run_dir/adapter`; checkpoints under `run_dir/checkpoints`."""
+    from ft import backends
+
+    run_dir = Path(run_dir)
+    remove_stale_partials(run_dir / "checkpoints")
+    recipe = settings.to_dict()
+    start_from = find_resume_point(run_dir, resume)
+    if start_from is not None:
+        marker = read_marker(start_from)
+        check_resume_compatible(marker, recipe, data_sha256, force=force)
+        micro_batch = int(marker.get("micro_batch", micro_batch))  # keep the data order of the original run
+
+    accum = max(1, settings.train.effective_batch // micro_batch)
+    impl = backends.get(backend)
+    seed_everything(settings.train.seed, settings.train.deterministic)
+    loaded = impl.load_for_training(settings, device)
+    # Re-seed after loading so the LoRA init and data order do not depend on how loading consumed RNG.
+    seed_everything(settings.train.seed, settings.train.deterministic)
+
+    config = build_sft_config(settings, run_dir, device, micro_batch, accum, loaded.dtype, bool(eval_rows))
+    trainer_cls = _atomic_checkpoint_trainer(
+        impl.trainer_class(),
+        run_dir,
+        {"recipe": recipe, "recipe_sha256": settings.sha256, "data_sha256": data_sha256, "backend": backend},
+        settings.train.keep_last,
+    )
+    trainer = trainer_cls(
+        model=loaded.model,
+        args=config,
+        train_dataset=_to_dataset(train_rows),
+        eval_dataset=_to_dataset(eval_rows) if eval_rows else None,
+        processing_class=loaded.tokenizer,
+        callbacks=_callbacks(run_dir, None),
+    )
+    from transformers.trainer_callback import ProgressCallback, PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+    runtime = time.perf_counter() - t0
+
+    adapter_dir = save_adapter(trainer, loaded, run_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        backend=backend,
+        backend_reason=backend_reason,
+        device=device,
+        micro_batch=micro_batch,
+        grad_accum=accum,
+        steps=trainer.state.global_step,
+        train_loss=_finite(output.training_loss),
+        runtime_s=round(runtime, 2),
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        resumed_from=start_from.name if start_from else None,
+        info={**loaded.info, "dtype": loaded.dtype, "quantization": loaded.quantization},
+    )
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def save_adapter(trainer, loaded, run_dir: Path) -> Path:
+    """The adapter in PEFT format (safetensors) plus the tokenizer, written atomically."""
+    from ft.fsutil import atomic_dir
+
+    final = run_dir / "adapter"
+    with atomic_dir(final, replace=True) as staging:
+        trainer.model.save_pretrained(str(staging), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(staging))
+        write_json(staging / "ft-adapter.json", {"env": "../env.json", "recipe": "../recipe.resolved.yaml"})
+    return final
