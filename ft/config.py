@@ -69,10 +69,12 @@ class TrainSettings(Section):
     epochs: float = Field(2.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="8-bit optimizers need bitsandbytes and CUDA."
     )
@@ -100,7 +102,9 @@ class DataSettings(Section):
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with rows longer than train.max_seq_length."
     )
-    dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
+    duplicates: Literal["drop", "error", "keep"] = Field(
+        "drop", description="Rows repeating an earlier conversation exactly: drop them, refuse the data, or keep them."
+    )
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
     label_field: str | None = Field(
         None, description="JSON key of the assistant answer that holds a class label (label distribution, accuracy)."
@@ -109,8 +113,8 @@ class DataSettings(Section):
 
 
 class EvalSettings(Section):
-    max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(128, gt=0, description="Longest generated answer per held-out prompt.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together (greedy, left-padded).")
     max_examples: int | None = Field(None, gt=0, description="Evaluate at most this many held-out rows.")
     json_schema: dict[str, Any] | str | None = Field(
         None, description="JSON Schema (inline, or a file path / builtin:NAME) the answers must satisfy."
@@ -120,7 +124,7 @@ class EvalSettings(Section):
     guard_metrics: list[Literal[METRICS]] = Field(
         default_factory=lambda: ["json_valid"], description="Metrics that must not get worse by more than max_regression."
     )
-    max_regression: float = Field(0.02, ge=0)
+    max_regression: float = Field(0.02, ge=0, description="Largest allowed worsening of any guard metric.")
     worst_examples: int = Field(5, ge=0, description="Examples shown side by side in report.md.")
     reproduce_tolerance: float = Field(
         0.02, ge=0, description="`ft reproduce` passes when every metric is within this of the sealed one."

@@ -92,13 +92,14 @@ def detect_shape(row: dict[str, Any]) -> str:
     )
 
 
-def normalise(row: Any, shape: str) -> tuple[Messages, str]:
-    """(messages, field of the final answer) for a row of `shape`, or a RowProblem."""
+def normalise(row: Any, shape: str) -> tuple[str, Messages, str]:
+    """(shape, messages, field of the final answer) for one row; `shape` may be `auto`. Or a RowProblem."""
     if not isinstance(row, dict):
         raise RowProblem(None, f"expected a JSON object, got {kind(row)}")
     if shape == "auto":
         shape = detect_shape(row)
-    return NORMALISERS[shape](row)
+    messages, answer_field = NORMALISERS[shape](row)
+    return shape, messages, answer_field
 
 
 # -- field helpers -------------------------------------------------------------------------------------

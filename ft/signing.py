@@ -81,6 +81,11 @@ def _read_key(path: Path, kind: str):
     return key
 
 
+def check_private_key(path: Path) -> None:
+    """Fail early (before copying gigabytes) when `path` is not a usable Ed25519 private key."""
+    _read_key(path, "private")
+
+
 def fingerprint(public_key_path: Path) -> str:
     """Short sha256 of the raw public key, for people to compare out of band."""
     serialization, _, _ = _crypto()

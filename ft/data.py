@@ -1,0 +1,366 @@
+"""The data check: read, normalise, validate, apply the recipe's policies, split, and report.
+
+    result = check(settings)            # raises DataError (an FtError) listing what is wrong
+    result.train, result.eval           # lists of Example (normalised chat messages + where they came from)
+    result.report                       # the run's data.json; render_report(result.report) for people
+
+Order of work, and why: every row is parsed and validated first (one pass, problems collected), so a
+user sees all that is wrong at once and nothing is tokenised for data that will be refused. Then
+duplicates go (cheap), the survivors are rendered through the chat template once and tokenised in
+large batches by the fast tokenizer, the held-out split is drawn, and the length policy is applied.
+The split is drawn before lengths matter, so changing train.max_seq_length never reshuffles it, and
+rows that share a prompt always land on the same side, so a seeded split cannot leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ft.datafiles import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_rows
+from ft.datareport import render_report, token_stats
+from ft.datashapes import RowProblem, extract_label, normalise, show
+from ft.errors import FtError, located
+
+__all__ = ["CheckResult", "DataError", "Example", "check", "render_report"]
+
+BATCH = 4096  # rows rendered and tokenised per call while measuring lengths
+FIRST = 5  # locations kept per reason in the report
+
+
+@dataclass(slots=True)
+class Example:
+    """One normalised conversation and where it came from."""
+
+    messages: list[dict[str, str]]
+    source: str  # the file name as the user gave it
+    line: int | str  # 1-based line (JSONL) or "[index]" (JSON array)
+    shape: str
+    label: str | None = None
+    tokens: int = 0  # length under the model's tokenizer and chat template (set by check)
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass
+class CheckResult:
+    train: list[Example]
+    eval: list[Example]
+    report: dict[str, Any]
+
+
+@dataclass
+class Tally:
+    """A count with its first few locations, for the report."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, where: str) -> None:
+        self.count += 1
+        if len(self.first) < FIRST:
+            self.first.append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "first": self.first}
+
+
+def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LINE_BYTES) -> CheckResult:
+    """Check the recipe's data files and return the normalised, split examples with their report."""
+    d = settings.data
+    problems = Problems()
+    files: list[FileInfo] = []
+    context = _RowContext(d, problems)
+    if not d.train:
+        raise DataError(["data.train: no training files given"])
+    train = _load(d.train, "train", files, context, max_line_bytes)
+    held = _load(d.eval, "eval", files, context, max_line_bytes)
+    problems.raise_if_any()
+
+    if tokenizer is None:
+        from ft.modelref import load_tokenizer
+
+        m = settings.model
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    duplicates = Tally()
+    train = _apply_duplicates(train, d.duplicates, duplicates, problems)
+    held = _apply_duplicates(held, d.duplicates, duplicates, problems)
+    _measure(train + held, tokenizer, problems)
+    problems.raise_if_any()
+    lengths = [ex.tokens for ex in train] + [ex.tokens for ex in held]
+
+    leakage = Tally()
+    if d.eval:
+        _find_leakage(train, held, leakage, problems)
+        split = {"method": "eval files"}
+    else:
+        train, held = _seeded_split(train, d, problems)
+        split = {"method": "seeded", "seed": d.split_seed, "eval_fraction": d.eval_fraction,
+                 "eval_max_rows": d.eval_max_rows}
+    problems.raise_if_any()
+
+    max_len = settings.train.max_seq_length
+    dropped = {"too_long": Tally(), "prompt_fills_window": Tally()}
+    over = Tally()
+    train = _apply_too_long(train, "train", max_len, d.too_long, tokenizer, over, dropped, problems)
+    held = _apply_too_long(held, "eval", max_len, d.too_long, tokenizer, over, dropped, problems)
+    problems.raise_if_any()
+
+    split.update(train_size=len(train), eval_size=len(held), train_ids=[ex.id for ex in train],
+                 eval_ids=[ex.id for ex in held])
+    report = {
+        "format": "ft-data/1",
+        "tokenizer": _tokenizer_facts(settings, tokenizer),
+        "files": [f.to_dict() for f in files],
+        "rows": {"read": context.rows, "train": len(train), "eval": len(held)},
+        "shapes": dict(context.shapes.most_common()),
+        "system_prompt_added": context.system_prompt_added,
+        "duplicates": {"policy": d.duplicates, **duplicates.to_dict()},
+        "dropped": {
+            "duplicate": duplicates.to_dict() if d.duplicates == "drop" else Tally().to_dict(),
+            **{reason: tally.to_dict() for reason, tally in dropped.items()},
+        },
+        "tokens": token_stats(lengths),
+        "too_long": {"max_seq_length": max_len, "policy": d.too_long, **over.to_dict()},
+        "leakage": {"checked": bool(d.eval), **leakage.to_dict()},
+        "labels": _label_report(d, train, held),
+        "split": split,
+    }
+    return CheckResult(train, held, report)
+
+
+# -- reading and validating ----------------------------------------------------------------------------
+class _RowContext:
+    """What turning rows into Examples needs, and what it counts on the way."""
+
+    def __init__(self, data_settings: Any, problems: Problems):
+        self.d = data_settings
+        self.problems = problems
+        self.declared = set(data_settings.labels) if data_settings.labels is not None else None
+        self.shapes: Counter[str] = Counter()
+        self.rows = 0
+        self.system_prompt_added = 0
+
+    def example(self, row: Any, source: str, line: int | str) -> Example | None:
+        self.rows += 1
+        try:
+            shape, messages, answer_field = normalise(row, self.d.format)
+            label = self._label(messages[-1]["content"], answer_field)
+        except RowProblem as p:
+            self.problems.add(located(source, line, p.field, p.problem))
+            return None
+        except RecursionError:
+            self.problems.add(located(source, line, None, "nested too deeply"))
+            return None
+        if self.d.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.d.system_prompt})
+            self.system_prompt_added += 1
+        self.shapes[shape] += 1
+        return Example(messages, source, line, shape, label)
+
+    def _label(self, answer: str, answer_field: str) -> str | None:
+        field_name = self.d.label_field
+        if not field_name:
+            return None
+        label = extract_label(answer, field_name, answer_field)
+        if self.declared is not None and label not in self.declared:
+            allowed = ", ".join(self.d.labels)
+            raise RowProblem(answer_field, f"{field_name} {show(label)} is not one of {allowed} (data.labels)")
+        return label
+
+
+def _load(paths: list[str], role: str, files: list[FileInfo], context: _RowContext, max_line_bytes: int) -> list[Example]:
+    from ft.config import resolve_path
+
+    examples: list[Example] = []
+    for given in paths:
+        info = FileInfo(role, given)
+        files.append(info)
+        try:
+            path = Path(resolve_path(given))
+        except FtError as exc:
+            context.problems.add(str(exc))
+            continue
+        for line, row in read_rows(path, info, context.problems, max_line_bytes=max_line_bytes):
+            example = context.example(row, given, line)
+            if example is not None:
+                examples.append(example)
+    return examples
+
+
+# -- policies ------------------------------------------------------------------------------------------
+def _digest(text: str) -> bytes:
+    # A 128-bit digest instead of the text itself keeps the lookup tables small on big data sets.
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def conversation_key(messages: list[dict[str, str]]) -> bytes:
+    """Identity of a normalised conversation (exact text: a duplicate is the very same conversation)."""
+    return _digest("\x1f".join(f"{m['role']}\x1e{m['content']}" for m in messages))
+
+
+def prompt_key(messages: list[dict[str, str]]) -> bytes:
+    """Identity of a row's prompt for leakage: every non-assistant turn, whitespace collapsed, casefolded.
+
+    A row with no user or tool turn (a text row) has no prompt; its whole text stands in for it.
+    """
+    asked = [m for m in messages if m["role"] != "assistant"]
+    if not any(m["role"] != "system" for m in asked):
+        asked = messages
+    return _digest("\x1f".join(f"{m['role']}\x1e{' '.join(m['content'].split()).casefold()}" for m in asked))
+
+
+def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: Problems) -> list[Example]:
+    seen: dict[bytes, str] = {}
+    kept: list[Example] = []
+    for ex in rows:
+        key = conversation_key(ex.messages)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = ex.id
+            kept.append(ex)
+            continue
+        tally.add(f"{ex.id} = {first}")
+        if policy == "error":
+            problems.add(f"{ex.id}: duplicate of {first} (data.duplicates is error; drop or keep would accept it)")
+        elif policy == "keep":
+            kept.append(ex)
+    return kept
+
+
+def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
+    """Set `tokens` on every row: one template render per row, tokenised in large batches."""
+    from ft.encode import render_each, template_problem, token_lengths
+
+    for lo in range(0, len(rows), BATCH):
+        batch = rows[lo : lo + BATCH]
+
+        def refused(index: int, exc: Exception, batch: list[Example] = batch) -> None:
+            problems.add(f"{batch[index].id}: {template_problem(exc)}")
+
+        texts = render_each(tokenizer, [ex.messages for ex in batch], refused)
+        rendered = [(ex, text) for ex, text in zip(batch, texts, strict=True) if text is not None]
+        for (ex, _), n in zip(rendered, token_lengths(tokenizer, [t for _, t in rendered]), strict=True):
+            ex.tokens = n
+
+
+def _apply_too_long(
+    rows: list[Example], side: str, max_len: int, policy: str, tokenizer: Any,
+    over: Tally, dropped: dict[str, Tally], problems: Problems,
+) -> list[Example]:
+    long_rows = [ex for ex in rows if ex.tokens > max_len]
+    for ex in long_rows:
+        over.add(f"{ex.id} ({ex.tokens} tokens)")
+        if policy == "error":
+            problems.add(
+                f"{ex.id}: {ex.tokens} tokens, longer than train.max_seq_length ({max_len}) and data.too_long "
+                "is error (drop or truncate would accept it)"
+            )
+    if not long_rows or policy == "error":
+        return rows
+    if policy == "drop":
+        gone = {id(ex) for ex in long_rows}
+        for ex in long_rows:
+            dropped["too_long"].add(ex.id)
+    else:  # truncate keeps the start; a row whose prompt alone fills the window has no answer left
+        gone = {id(ex) for ex in _prompt_fills_window(long_rows, max_len, tokenizer)}
+        for ex in long_rows:
+            if id(ex) in gone:
+                dropped["prompt_fills_window"].add(ex.id)
+    kept = [ex for ex in rows if id(ex) not in gone]
+    if rows and not kept:
+        shortest = min(ex.tokens for ex in rows)
+        problems.add(
+            f"{side}: all {len(rows)} rows are longer than train.max_seq_length ({max_len} tokens; the shortest "
+            f"has {shortest}) and data.too_long is {policy}; raise train.max_seq_length or shorten the rows"
+        )
+    return kept
+
+
+def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> list[Example]:
+    from ft.encode import generation_header, render_chats, token_lengths
+
+    prompts = []
+    for ex in rows:
+        first_answer = next(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        prompts.append(ex.messages[:first_answer])
+    header = generation_header(tokenizer) if any(not p for p in prompts) else ""
+    asked = render_chats(tokenizer, [p for p in prompts if p], add_generation_prompt=True)
+    texts = iter(asked)
+    lengths = token_lengths(tokenizer, [next(texts) if p else header for p in prompts])
+    return [ex for ex, n in zip(rows, lengths, strict=True) if n >= max_len]
+
+
+# -- split and leakage ---------------------------------------------------------------------------------
+def _find_leakage(train: list[Example], held: list[Example], tally: Tally, problems: Problems) -> None:
+    trained: dict[bytes, str] = {}
+    for ex in train:
+        trained.setdefault(prompt_key(ex.messages), ex.id)
+    for ex in held:
+        other = trained.get(prompt_key(ex.messages))
+        if other is not None:
+            tally.add(f"{ex.id} = {other}")
+            problems.add(
+                f"{ex.id}: the same prompt is in the training data at {other} (train/eval leakage); "
+                "remove it from one side"
+            )
+
+
+def _seeded_split(rows: list[Example], d: Any, problems: Problems) -> tuple[list[Example], list[Example]]:
+    """Hold out about eval_fraction of rows (at most eval_max_rows), whole prompt groups at a time."""
+    if len(rows) < 2:
+        problems.add(f"data: {len(rows)} row(s) left, too few to hold out an eval split; add rows or give data.eval")
+        return rows, []
+    target = min(d.eval_max_rows, max(1, round(len(rows) * d.eval_fraction)))
+    groups: dict[bytes, list[int]] = {}
+    for index, ex in enumerate(rows):
+        groups.setdefault(prompt_key(ex.messages), []).append(index)
+    order = list(groups.values())
+    random.Random(d.split_seed).shuffle(order)
+    chosen: set[int] = set()
+    for group in order:
+        if len(chosen) + len(group) <= target:
+            chosen.update(group)
+            if len(chosen) == target:
+                break
+    if not chosen or len(chosen) == len(rows):
+        problems.add(
+            f"data: cannot hold out {target} row(s) without splitting rows that share a prompt "
+            f"({len(groups)} distinct prompt(s) in {len(rows)} rows); give data.eval files"
+        )
+    train = [ex for i, ex in enumerate(rows) if i not in chosen]
+    held = [ex for i, ex in enumerate(rows) if i in chosen]
+    return train, held
+
+
+# -- report pieces -------------------------------------------------------------------------------------
+def _label_report(d: Any, train: list[Example], held: list[Example]) -> dict[str, Any] | None:
+    if not d.label_field:
+        return None
+    train_counts = Counter(ex.label for ex in train)
+    report = {
+        "field": d.label_field,
+        "declared": d.labels,
+        "train": dict(train_counts.most_common()),
+        "eval": dict(Counter(ex.label for ex in held).most_common()),
+    }
+    if d.labels is not None:
+        report["missing_from_train"] = [label for label in d.labels if label not in train_counts]
+    return report
+
+
+def _tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "name": settings.model.name_or_path,
+        "revision": settings.model.revision,
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "chat_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest() if template else None,
+    }
