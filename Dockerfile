@@ -41,6 +41,8 @@ COPY lockfiles/${FLAVOUR}.txt /opt/ft/requirements.lock
 #   index_url a package index to use instead of pip's default (may carry credentials)
 # env/wheels is a --find-links folder; the CPU test image gets torch's CPU build there (no index has it).
 # --no-deps: the lock is complete, so nothing unhashed can sneak in; `pip check` proves it is consistent.
+# The pip cache lives in a BuildKit cache mount, never in a layer (hence DL3042 does not apply).
+# hadolint ignore=DL3042
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     --mount=type=secret,id=index_url \
@@ -52,7 +54,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # ft itself, built with the locked setuptools (no build isolation, so no unhashed download).
 COPY pyproject.toml README.md /src/
 COPY ft /src/ft
-RUN pip install --no-deps --no-build-isolation --no-index /src
+RUN pip install --no-cache-dir --no-deps --no-build-isolation --no-index /src
 
 # ---- runtime ------------------------------------------------------------------------------------------
 FROM python AS runtime
@@ -112,6 +114,7 @@ RUN --mount=type=bind,source=env/image_facts.py,target=/tmp/image_facts.py \
     /opt/venv/bin/python /tmp/image_facts.py /etc/ft/requirements.lock /etc/ft/image.json
 
 WORKDIR /work
-USER ft
+# Numeric, so runtimes that enforce non-root (e.g. Kubernetes runAsNonRoot) can check it.
+USER ${FT_UID}:${FT_GID}
 ENTRYPOINT ["ft"]
 CMD ["--help"]

@@ -139,14 +139,33 @@ def lock(session: nox.Session) -> None:
             shutil.copy2(ROOT / "lockfiles" / out.name, out)  # same preferences as the committed lock
         links = _find_links() if flavour == "cpu" else []
         if flavour == "cpu" and not links:
-            session.error("the CPU lock needs torch's CPU wheel: set PIP_FIND_LINKS to the folder that holds it")
+            session.error(
+                "the CPU lock needs torch's CPU wheel: set PIP_FIND_LINKS to the folder that holds it"
+            )
         session.run(
-            "uv", "pip", "compile", "pyproject.toml", f"env/{flavour}.in", *flavour_args, *LOCK_TARGET,
-            *links, *_index_args(), "--generate-hashes", "--custom-compile-command", "nox -s lock",
-            "--output-file", str(out), "--quiet", *extra,
+            "uv",
+            "pip",
+            "compile",
+            "pyproject.toml",
+            f"env/{flavour}.in",
+            *flavour_args,
+            *LOCK_TARGET,
+            *links,
+            *_index_args(),
+            "--generate-hashes",
+            "--custom-compile-command",
+            "nox -s lock",
+            "--output-file",
+            str(out),
+            "--quiet",
+            *extra,
         )
     if check:
-        changed = [p.name for p in sorted(out_dir.glob("*.txt")) if p.read_bytes() != (ROOT / "lockfiles" / p.name).read_bytes()]
+        changed = [
+            p.name
+            for p in sorted(out_dir.glob("*.txt"))
+            if p.read_bytes() != (ROOT / "lockfiles" / p.name).read_bytes()
+        ]
         if changed:
             session.error(f"lockfiles out of date: {', '.join(changed)} (run `nox -s lock`)")
         session.log("lockfiles are up to date")
@@ -168,7 +187,9 @@ def _lint_container(session: nox.Session) -> None:
         session.run(docker_cli, "compose", "-f", "compose.yaml", "config", "--quiet", external=True, env=env)
         ran = True
     if not ran:
-        session.log("note: compose.yaml not checked: neither docker-compose nor `docker compose` is installed")
+        session.log(
+            "note: compose.yaml not checked: neither docker-compose nor `docker compose` is installed"
+        )
 
 
 def _image_helper(session: nox.Session, *args: str, with_ft: bool = False) -> None:

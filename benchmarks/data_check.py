@@ -54,7 +54,9 @@ def chat_row(index: int, rng: random.Random) -> dict:
     ]
     for _ in range(rng.choice((0,) * 8 + (1, 2))):
         messages.append({"role": "user", "content": rng.choice(FOLLOW_UPS)})
-        messages.append({"role": "assistant", "content": rng.choice(REPLIES).format(name=name, category=category)})
+        messages.append(
+            {"role": "assistant", "content": rng.choice(REPLIES).format(name=name, category=category)}
+        )
     return {"messages": messages}
 
 
@@ -75,10 +77,14 @@ def peak_rss_mib() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=75_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="builtin:tiny-qwen2", help="model whose tokenizer measures lengths")
+    parser.add_argument(
+        "--model", default="builtin:tiny-qwen2", help="model whose tokenizer measures lengths"
+    )
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -124,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib_before_check": rss_before,
         "peak_rss_mib": peak_rss_mib(),
         "budget_s": 60,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset)"),
     }
     text = json.dumps(figures, indent=2)

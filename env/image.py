@@ -63,7 +63,9 @@ def run(cmd: list[str], *, check: bool = True, capture: bool = False, env: dict 
     proc = subprocess.run(cmd, text=True, capture_output=capture, env=env, **kw)
     if check and proc.returncode != 0:
         detail = f"\n{proc.stderr or ''}{proc.stdout or ''}" if capture else ""
-        raise Failure(f"`{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}` failed with exit code {proc.returncode}{detail}")
+        raise Failure(
+            f"`{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}` failed with exit code {proc.returncode}{detail}"
+        )
     return proc
 
 
@@ -80,8 +82,12 @@ def _pip_config(key: str) -> str | None:
     import configparser
 
     home = Path.home()
-    files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), home / ".pip/pip.conf",
-             Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "pip/pip.conf"]
+    files = [
+        Path("/etc/pip.conf"),
+        Path("/etc/xdg/pip/pip.conf"),
+        home / ".pip/pip.conf",
+        Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "pip/pip.conf",
+    ]
     if os.environ.get("VIRTUAL_ENV"):
         files.append(Path(os.environ["VIRTUAL_ENV"]) / "pip.conf")
     if os.environ.get("PIP_CONFIG_FILE"):
@@ -100,7 +106,11 @@ def _pip_config(key: str) -> str | None:
 def ca_bundle() -> Path | None:
     """The CA bundle this machine trusts, for pip inside the build (TLS-inspecting networks need it)."""
     candidates = [os.environ.get(k) for k in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")]
-    candidates += [_pip_config("cert"), ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"]
+    candidates += [
+        _pip_config("cert"),
+        ssl.get_default_verify_paths().cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+    ]
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
@@ -151,10 +161,14 @@ def debian_mirrors() -> tuple[str, str | None]:
 
 def git_commit(root: Path = ROOT) -> str:
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -252,7 +266,9 @@ class Engine:
             log("using the running Docker engine")
             return self
         if os.geteuid() != 0:
-            raise Failure("No Docker engine is running and only root can start one: start Docker, then run again.")
+            raise Failure(
+                "No Docker engine is running and only root can start one: start Docker, then run again."
+            )
         ensure_tools(("dockerd",))
         BUILD.mkdir(exist_ok=True)
         # Builds use the host network and test containers none, so dockerd needs no NAT rules; without
@@ -261,7 +277,9 @@ class Engine:
             logfile = open(BUILD / "dockerd.log", "a")  # noqa: SIM115 - lives as long as the daemon
             cmd = ["dockerd", "--iptables=false", "--ip-masq=false", *extra]
             log("starting " + " ".join(cmd) + f" (log: {(BUILD / 'dockerd.log').relative_to(ROOT)})")
-            self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+            )
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if engine_up():
@@ -385,7 +403,9 @@ def local_wheels(lock: Path) -> list[Path]:
     found = []
     for name, version in wanted:
         stem = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
-        matches = [w for d in find_links_dirs() for w in d.glob("*.whl") if w.name.lower().startswith(stem.lower())]
+        matches = [
+            w for d in find_links_dirs() for w in d.glob("*.whl") if w.name.lower().startswith(stem.lower())
+        ]
         if not matches:
             raise Failure(
                 f"{lock.name} pins {name}=={version}, which no package index has: put its wheel in a folder "
@@ -404,12 +424,15 @@ def make_context(dest: Path, flavour: str, source: Path = ROOT) -> Path:
     try:
         out = subprocess.run(
             ["git", "-C", str(source), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True, check=True,
+            capture_output=True,
+            check=True,
         ).stdout.decode()
         files = [f for f in out.split("\0") if f]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", ".venv", ".nox", "build", "runs", "bundles", "__pycache__", ".ci-venv"}
-        files = [str(p.relative_to(source)) for p in source.rglob("*") if p.is_file() and not skip & set(p.parts)]
+        files = [
+            str(p.relative_to(source)) for p in source.rglob("*") if p.is_file() and not skip & set(p.parts)
+        ]
     for rel in files:
         src = source / rel
         if src.is_file() and (not rel.startswith("env/wheels/") or rel == "env/wheels/.gitignore"):
@@ -421,7 +444,9 @@ def make_context(dest: Path, flavour: str, source: Path = ROOT) -> Path:
     return dest
 
 
-def build(context: Path, *, flavour: str, tag: str, base: str | None, commit: str, extra_env: dict | None = None) -> str:
+def build(
+    context: Path, *, flavour: str, tag: str, base: str | None, commit: str, extra_env: dict | None = None
+) -> str:
     """Build the Dockerfile in `context` with BuildKit; return the image id."""
     lock = lock_path(flavour, context)
     args = {
@@ -467,7 +492,9 @@ def cmd_build(a) -> int:
     with Engine():
         ensure_pulled(base)
         with tempfile.TemporaryDirectory(prefix="ft-context-") as tmp, timed("build"):
-            image_id = build(make_context(Path(tmp), a.flavour), flavour=a.flavour, tag=tag, base=base, commit=git_commit())
+            image_id = build(
+                make_context(Path(tmp), a.flavour), flavour=a.flavour, tag=tag, base=base, commit=git_commit()
+            )
         record(image_id, tag, a.flavour, base, BUILD / "image.json")
     print(image_id)
     return 0
@@ -505,7 +532,7 @@ def _image_contains(image_id: str, token: bytes) -> list[str]:
         if token in tail + chunk:
             where.append("docker save (a layer or the config)")
             break
-        tail = chunk[-len(token):]
+        tail = chunk[-len(token) :]
     if token.decode() in json.dumps(img.history()):
         where.append("docker history")
     if token.decode() in json.dumps(img.attrs):
@@ -525,10 +552,14 @@ def cmd_smoke(a) -> int:
             ctx = make_context(Path(tmp), flavour)
             build_env = {"HF_TOKEN": token}  # a token in the builder's environment must not reach a layer
             with timed("image build"):
-                image_id = build(ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env)
+                image_id = build(
+                    ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env
+                )
             if a.warm_rebuild:
                 with timed("image build (warm)"):
-                    build(ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env)
+                    build(
+                        ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env
+                    )
                 image_id = client().images.get(tag).id
         summary["id"] = image_id
         record(image_id, tag, flavour, base, BUILD / "image-cpu.json")
@@ -541,8 +572,14 @@ def cmd_smoke(a) -> int:
         for d in ("data", "runs", "bundles"):
             (work / d).mkdir(parents=True)
             os.chown(work / d, uid, gid)
-        env = {**os.environ, "UID": str(uid), "GID": str(gid), "FT_FLAVOUR": flavour, "FT_IMAGE_ID": image_id,
-               "HF_TOKEN": token}
+        env = {
+            **os.environ,
+            "UID": str(uid),
+            "GID": str(gid),
+            "FT_FLAVOUR": flavour,
+            "FT_IMAGE_ID": image_id,
+            "HF_TOKEN": token,
+        }
         env.pop("FT_RECIPE", None)
         project = ["-f", str(ROOT / "compose.yaml"), "--project-directory", str(work), "-p", "ftsmoke"]
         with timed("container smoke"):
@@ -567,8 +604,13 @@ def _check_image(image_id: str) -> None:
     if not user or user in ("0", "root"):
         raise Failure(f"the image runs as {user or 'root'}; it must run as a non-root user")
     c.containers.run(image_id, ["--help"], remove=True, network_disabled=True)
-    out = c.containers.run(image_id, ["env", "--short"], remove=True, network_disabled=True,
-                           environment={"FT_IMAGE_ID": image_id}).decode()
+    out = c.containers.run(
+        image_id,
+        ["env", "--short"],
+        remove=True,
+        network_disabled=True,
+        environment={"FT_IMAGE_ID": image_id},
+    ).decode()
     log("ft env --short in the container:\n" + out)
 
 
@@ -599,8 +641,12 @@ def _check_outputs(work: Path, uid: int, image_id: str, token: bytes) -> dict:
         problems.append("no git commit")
     if problems:
         raise Failure(f"{envs[0].relative_to(work)} does not name the image: {'; '.join(problems)}")
-    return {"bundle": archives[-1].name, "owner_uid": uid, "token_in_outputs": False,
-            "manifest_image": {k: image.get(k) for k in ("id", "flavour", "lockfile_sha256", "git_commit")}}
+    return {
+        "bundle": archives[-1].name,
+        "owner_uid": uid,
+        "token_in_outputs": False,
+        "manifest_image": {k: image.get(k) for k in ("id", "flavour", "lockfile_sha256", "git_commit")},
+    }
 
 
 def _open_bundle(path: Path, stack: contextlib.ExitStack) -> Path:
@@ -630,12 +676,18 @@ def cmd_export(a) -> int:
             copied = _copy_from_volume(a.volume, a.bundle, dest)
     else:
         src = Path(a.source)
-        candidates = [src / a.bundle] if a.bundle else sorted(src.glob("*.tar.gz"), key=lambda p: p.stat().st_mtime)
+        candidates = (
+            [src / a.bundle] if a.bundle else sorted(src.glob("*.tar.gz"), key=lambda p: p.stat().st_mtime)
+        )
         if not candidates or not candidates[-1].exists():
             raise Failure(f"no bundle {'named ' + a.bundle if a.bundle else 'archive'} in {src}")
         chosen = candidates[-1]
         copied = dest / chosen.name
-        (shutil.copytree(chosen, copied, dirs_exist_ok=True) if chosen.is_dir() else shutil.copy2(chosen, copied))
+        (
+            shutil.copytree(chosen, copied, dirs_exist_ok=True)
+            if chosen.is_dir()
+            else shutil.copy2(chosen, copied)
+        )
     run([sys.executable, "-m", "ft", "verify", str(copied)])
     log(f"exported and verified: {copied}")
     return 0
@@ -654,7 +706,9 @@ def _copy_from_volume(volume: str, name: str | None, dest: Path) -> Path:
         if not name:
             listing, _ = box.get_archive("/v")
             with tarfile.open(fileobj=io.BytesIO(b"".join(listing))) as tar:
-                names = sorted(m.name.split("/", 1)[1] for m in tar if m.name.endswith(".tar.gz") and "/" in m.name)
+                names = sorted(
+                    m.name.split("/", 1)[1] for m in tar if m.name.endswith(".tar.gz") and "/" in m.name
+                )
             if not names:
                 raise Failure(f"no bundle archive in volume {volume}")
             name = names[-1]
@@ -689,10 +743,18 @@ def cmd_rerun(a) -> int:
         mount_src = bundle if bundle.is_dir() else bundle.parent
         log(f"ft reproduce in {image_id[:19]} ({'GPU' if gpus == 'all' else 'CPU'})")
         box = client().containers.run(
-            image_id, ["reproduce", target, "--work", "/work/out"], detach=True, user=f"{uid}:{gid}",
-            volumes={str(mount_src): {"bind": "/work/bundle", "mode": "ro"}, str(work): {"bind": "/work/out", "mode": "rw"},
-                     "ft-rerun-cache": {"bind": "/cache", "mode": "rw"}},
-            environment={"FT_IMAGE_ID": image_id, "HF_TOKEN": os.environ.get("HF_TOKEN", "")}, init=True, **kwargs,
+            image_id,
+            ["reproduce", target, "--work", "/work/out"],
+            detach=True,
+            user=f"{uid}:{gid}",
+            volumes={
+                str(mount_src): {"bind": "/work/bundle", "mode": "ro"},
+                str(work): {"bind": "/work/out", "mode": "rw"},
+                "ft-rerun-cache": {"bind": "/cache", "mode": "rw"},
+            },
+            environment={"FT_IMAGE_ID": image_id, "HF_TOKEN": os.environ.get("HF_TOKEN", "")},
+            init=True,
+            **kwargs,
         )
         for line in box.logs(stream=True, follow=True):
             sys.stdout.write(line.decode(errors="replace"))
@@ -728,7 +790,9 @@ def _find_or_rebuild(image: dict, env: dict) -> str:
     log(f"rebuilding the image from commit {commit[:12]} (flavour {flavour})")
     with tempfile.TemporaryDirectory(prefix="ft-rerun-") as tmp:
         ctx = Path(tmp)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True
+        )
         if archive.returncode != 0:
             raise Failure(f"commit {commit} is not in this checkout: fetch it, then run again")
         subprocess.run(["tar", "-x", "-C", str(ctx)], input=archive.stdout, check=True)
@@ -741,12 +805,16 @@ def _find_or_rebuild(image: dict, env: dict) -> str:
         new = build(ctx, flavour=flavour, tag=f"ft:rerun-{commit[:12]}", base=base, commit=commit)
     got = c.images.get(new).labels.get("ft.lockfile.sha256")
     if image.get("lockfile_sha256") and got != image["lockfile_sha256"]:
-        raise Failure(f"the rebuilt image's lock ({got}) differs from the bundle's ({image['lockfile_sha256']})")
+        raise Failure(
+            f"the rebuilt image's lock ({got}) differs from the bundle's ({image['lockfile_sha256']})"
+        )
     return new
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="env/image.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="env/image.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the real image")
     b.add_argument("--flavour", choices=FLAVOURS, default=os.environ.get("FT_FLAVOUR", DEFAULT_FLAVOUR))

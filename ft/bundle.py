@@ -364,7 +364,7 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         "## Verify it",
         "",
         f"    ft verify {archive}            # or the unpacked directory",
-        *([f"    ft verify {archive} --key SIGNER.pub"] if signed else []),
+        *([f"    ft verify {archive} --key PUBLIC.pem   # the signer's public key"] if signed else []),
         "",
         "Any changed, missing, extra or renamed file fails and is named. Without ft, check each file with "
         "`sha256sum` against MANIFEST.json.",

@@ -167,20 +167,24 @@ def cmd_eval(args) -> int:
 
 def cmd_package(args) -> int:
     from ft import pipeline
+    from ft.bundle import render_package
 
     run_dir = Path(args.run_dir)
     settings = pipeline.settings_of_run(run_dir)
     if args.out:
         settings.output.bundle_dir = args.out
     result = pipeline.package_stage(settings, run_dir, include_data=args.include_data or None, sign_key=args.sign_key)
-    _out(result.render())
+    _out(render_package(result))
     return 0
 
 
 def cmd_verify(args) -> int:
     from ft import bundle
 
-    report = bundle.verify(Path(args.bundle), key=Path(args.key) if args.key else None)
+    report = bundle.verify(Path(args.bundle), key=Path(args.key) if args.key else None, raise_on_failure=False)
+    if not report.ok:
+        print(report.render(), file=sys.stderr)
+        raise FtError(report.one_line())
     _out(report.render())
     return 0
 
@@ -194,9 +198,9 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from ft import reproduction
+    from ft.reproduce import reproduce
 
-    outcome = reproduction.reproduce(Path(args.bundle), Path(args.work))
+    outcome = reproduce(Path(args.bundle), Path(args.work))
     _out(outcome.render())
     return 0 if outcome.passed else 3
 
@@ -212,7 +216,9 @@ def cmd_run(args) -> int:
     report = pipeline.eval_stage(prep, run_dir)
     _out((run_dir / "decision.md").read_text(encoding="utf-8"))
     if not args.no_package:
-        _out(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None).render())
+        from ft.bundle import render_package
+
+        _out(render_package(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None)))
     return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
 
 

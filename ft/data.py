@@ -101,19 +101,33 @@ def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LIN
         split = {"method": "eval files"}
     else:
         train, held = _seeded_split(train, d, problems)
-        split = {"method": "seeded", "seed": d.split_seed, "eval_fraction": d.eval_fraction,
-                 "eval_max_rows": d.eval_max_rows}
+        split = {
+            "method": "seeded",
+            "seed": d.split_seed,
+            "eval_fraction": d.eval_fraction,
+            "eval_max_rows": d.eval_max_rows,
+        }
     problems.raise_if_any()
 
     max_len = settings.train.max_seq_length
     dropped = {"too_long": Tally(), "prompt_fills_window": Tally()}
     over = Tally()
-    train = _apply_too_long(train, "train", max_len, d.too_long, tokenizer, over, dropped, problems)
-    held = _apply_too_long(held, "eval", max_len, d.too_long, tokenizer, over, dropped, problems)
+    fitted = _apply_too_long(train, max_len, d.too_long, tokenizer, over, dropped, problems)
+    fitted_held = _apply_too_long(held, max_len, d.too_long, tokenizer, over, dropped, problems)
+    if not problems.total and not fitted:
+        everything = train if fitted_held else train + held
+        problems.add(_nothing_fits(", ".join(d.train), everything, max_len, d.too_long))
+    elif not problems.total and held and not fitted_held:
+        problems.add(_nothing_fits(", ".join(d.eval) or "the held-out split", held, max_len, d.too_long))
     problems.raise_if_any()
+    train, held = fitted, fitted_held
 
-    split.update(train_size=len(train), eval_size=len(held), train_ids=[ex.id for ex in train],
-                 eval_ids=[ex.id for ex in held])
+    split.update(
+        train_size=len(train),
+        eval_size=len(held),
+        train_ids=[ex.id for ex in train],
+        eval_ids=[ex.id for ex in held],
+    )
     report = {
         "format": "ft-data/1",
         "tokenizer": _tokenizer_facts(settings, tokenizer),
@@ -171,11 +185,15 @@ class _RowContext:
         label = extract_label(answer, field_name, answer_field)
         if self.declared is not None and label not in self.declared:
             allowed = ", ".join(self.d.labels)
-            raise RowProblem(answer_field, f"{field_name} {show(label)} is not one of {allowed} (data.labels)")
+            raise RowProblem(
+                answer_field, f"{field_name} {show(label)} is not one of {allowed} (data.labels)"
+            )
         return label
 
 
-def _load(paths: list[str], role: str, files: list[FileInfo], context: _RowContext, max_line_bytes: int) -> list[Example]:
+def _load(
+    paths: list[str], role: str, files: list[FileInfo], context: _RowContext, max_line_bytes: int
+) -> list[Example]:
     from ft.config import resolve_path
 
     examples: list[Example] = []
@@ -228,7 +246,9 @@ def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: 
             continue
         tally.add(f"{ex.id} = {first}")
         if policy == "error":
-            problems.add(f"{ex.id}: duplicate of {first} (data.duplicates is error; drop or keep would accept it)")
+            problems.add(
+                f"{ex.id}: duplicate of {first} (data.duplicates is error; drop or keep would accept it)"
+            )
         elif policy == "keep":
             kept.append(ex)
     return kept
@@ -251,8 +271,13 @@ def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
 
 
 def _apply_too_long(
-    rows: list[Example], side: str, max_len: int, policy: str, tokenizer: Any,
-    over: Tally, dropped: dict[str, Tally], problems: Problems,
+    rows: list[Example],
+    max_len: int,
+    policy: str,
+    tokenizer: Any,
+    over: Tally,
+    dropped: dict[str, Tally],
+    problems: Problems,
 ) -> list[Example]:
     long_rows = [ex for ex in rows if ex.tokens > max_len]
     for ex in long_rows:
@@ -273,14 +298,16 @@ def _apply_too_long(
         for ex in long_rows:
             if id(ex) in gone:
                 dropped["prompt_fills_window"].add(ex.id)
-    kept = [ex for ex in rows if id(ex) not in gone]
-    if rows and not kept:
-        shortest = min(ex.tokens for ex in rows)
-        problems.add(
-            f"{side}: all {len(rows)} rows are longer than train.max_seq_length ({max_len} tokens; the shortest "
-            f"has {shortest}) and data.too_long is {policy}; raise train.max_seq_length or shorten the rows"
-        )
-    return kept
+    return [ex for ex in rows if id(ex) not in gone]
+
+
+def _nothing_fits(where: str, rows: list[Example], max_len: int, policy: str) -> str:
+    """The problem when the length policy left one side with no rows at all."""
+    shortest = min(ex.tokens for ex in rows)
+    return (
+        f"{where}: all {len(rows)} rows are longer than train.max_seq_length ({max_len} tokens; the shortest has "
+        f"{shortest}) and data.too_long is {policy}; raise train.max_seq_length or shorten the rows"
+    )
 
 
 def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> list[Example]:
@@ -315,7 +342,9 @@ def _find_leakage(train: list[Example], held: list[Example], tally: Tally, probl
 def _seeded_split(rows: list[Example], d: Any, problems: Problems) -> tuple[list[Example], list[Example]]:
     """Hold out about eval_fraction of rows (at most eval_max_rows), whole prompt groups at a time."""
     if len(rows) < 2:
-        problems.add(f"data: {len(rows)} row(s) left, too few to hold out an eval split; add rows or give data.eval")
+        problems.add(
+            f"data: {len(rows)} row(s) left, too few to hold out an eval split; add rows or give data.eval"
+        )
         return rows, []
     target = min(d.eval_max_rows, max(1, round(len(rows) * d.eval_fraction)))
     groups: dict[bytes, list[int]] = {}
@@ -362,5 +391,7 @@ def _tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
         "revision": settings.model.revision,
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
-        "chat_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest() if template else None,
+        "chat_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest()
+        if template
+        else None,
     }

@@ -71,8 +71,14 @@ class FileInfo:
         self.bytes += len(chunk)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "name": self.name, "format": self.format, "sha256": self.sha256,
-                "bytes": self.bytes, "rows": self.rows}
+        return {
+            "role": self.role,
+            "name": self.name,
+            "format": self.format,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "rows": self.rows,
+        }
 
 
 def read_rows(
@@ -187,7 +193,9 @@ def _parse_line(raw: bytes, name: str, lineno: int, problems: Problems) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         bad = raw[exc.start : exc.start + 1].hex()
-        problems.add(f"{name}:{lineno}: not valid UTF-8 (byte 0x{bad} at byte {exc.start + 1}); save the file as UTF-8")
+        problems.add(
+            f"{name}:{lineno}: not valid UTF-8 (byte 0x{bad} at byte {exc.start + 1}); save the file as UTF-8"
+        )
         return _INVALID
     try:
         row = json.loads(text)
@@ -198,7 +206,9 @@ def _parse_line(raw: bytes, name: str, lineno: int, problems: Problems) -> Any:
         problems.add(f"{name}:{lineno}: invalid JSON: nested too deeply")
         return _INVALID
     if _may_hold_surrogate(text) and (where := _lone_surrogate(row)):
-        problems.add(located(name, lineno, where, "contains an unpaired UTF-16 surrogate escape (not valid text)"))
+        problems.add(
+            located(name, lineno, where, "contains an unpaired UTF-16 surrogate escape (not valid text)")
+        )
         return _INVALID
     return row
 
@@ -212,7 +222,9 @@ def _read_json_array(handle, info: FileInfo, problems: Problems) -> Iterator[tup
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        problems.add(f"{name}:{line}: not valid UTF-8 (byte 0x{data[exc.start:exc.start + 1].hex()}); save the file as UTF-8")
+        problems.add(
+            f"{name}:{line}: not valid UTF-8 (byte 0x{data[exc.start : exc.start + 1].hex()}); save the file as UTF-8"
+        )
         return
     del data
     try:

@@ -14,7 +14,12 @@ def token_stats(lengths: list[int]) -> dict[str, Any]:
         return {"rows": 0, "total": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
     ordered = sorted(lengths)
     n = len(ordered)
-    stats: dict[str, Any] = {"rows": n, "total": sum(ordered), "min": ordered[0], "mean": round(sum(ordered) / n, 1)}
+    stats: dict[str, Any] = {
+        "rows": n,
+        "total": sum(ordered),
+        "min": ordered[0],
+        "mean": round(sum(ordered) / n, 1),
+    }
     for p in PERCENTILES:
         stats[f"p{p}"] = ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))]
     stats["max"] = ordered[-1]
@@ -62,19 +67,30 @@ def render_report(report: dict[str, Any]) -> str:
     table = [
         ("shapes", _counts(report["shapes"])),
         ("tokenizer", f"{tok['name']} ({tok['class']}, vocab {tok['vocab_size']})"),
-        ("tokens", f"min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
-                   f"max {t['max']}  (total {t['total']:,})"),
-        ("too long", f"{too_long['count']} over train.max_seq_length {too_long['max_seq_length']} "
-                     f"(data.too_long: {too_long['policy']})"),
+        (
+            "tokens",
+            f"min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
+            f"max {t['max']}  (total {t['total']:,})",
+        ),
+        (
+            "too long",
+            f"{too_long['count']} over train.max_seq_length {too_long['max_seq_length']} "
+            f"(data.too_long: {too_long['policy']})",
+        ),
         ("duplicates", f"{_first(dup)} (data.duplicates: {dup['policy']})"),
         ("dropped", _counts(dropped) if dropped else "none"),
-        ("leakage", _first(leak) if leak["checked"] else "none (the seeded split keeps each prompt on one side)"),
+        (
+            "leakage",
+            _first(leak) if leak["checked"] else "none (the seeded split keeps each prompt on one side)",
+        ),
     ]
     if report.get("system_prompt_added"):
         table.append(("system", f"data.system_prompt added to {report['system_prompt_added']} rows"))
     labels = report.get("labels")
     if labels:
-        table.append((f"labels", f"{labels['field']}: train {_counts(labels['train'])}; eval {_counts(labels['eval'])}"))
+        table.append(
+            ("labels", f"{labels['field']}: train {_counts(labels['train'])}; eval {_counts(labels['eval'])}")
+        )
         if labels.get("missing_from_train"):
             table.append(("", f"declared but absent from train: {', '.join(labels['missing_from_train'])}"))
     split = report["split"]

@@ -146,7 +146,9 @@ _CHAT_ROLES = {r: r for r in ROLES}
 
 
 def _from_messages(row: dict[str, Any]) -> tuple[Messages, str]:
-    messages = _message_list(_require_key(row, "messages", "messages"), "messages", "role", "content", _CHAT_ROLES)
+    messages = _message_list(
+        _require_key(row, "messages", "messages"), "messages", "role", "content", _CHAT_ROLES
+    )
     check_turns(messages, lambda i, attr: f"messages[{i}].{attr}")
     return messages, f"messages[{len(messages) - 1}].content"
 
@@ -196,13 +198,18 @@ def _from_prompt_completion(row: dict[str, Any]) -> tuple[Messages, str]:
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise RowProblem("completion", "empty assistant turn")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], "completion"
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": completion},
+        ], "completion"
     # The conversational form: both sides are lists of messages.
     for key, value in (("prompt", prompt), ("completion", completion)):
         if not isinstance(value, str | list):
             raise RowProblem(key, f"expected a string or an array of messages, got {kind(value)}")
         if isinstance(value, str):
-            raise RowProblem(key, "a string, but the other side is an array of messages; use the same form for both")
+            raise RowProblem(
+                key, "a string, but the other side is an array of messages; use the same form for both"
+            )
     head = _message_list(prompt, "prompt", "role", "content", _CHAT_ROLES)
     tail = _message_list(completion, "completion", "role", "content", _CHAT_ROLES)
     split = len(head)
@@ -255,7 +262,9 @@ def check_turns(messages: Messages, name: FieldName) -> None:
         previous = role
     if previous != "assistant":
         last = len(messages) - 1
-        raise RowProblem(name(last, "role"), f"the conversation must end with an assistant turn, not {previous}")
+        raise RowProblem(
+            name(last, "role"), f"the conversation must end with an assistant turn, not {previous}"
+        )
 
 
 def _order_problem(previous: str | None, role: str) -> str:

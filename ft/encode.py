@@ -27,7 +27,9 @@ Messages = list[dict[str, str]]
 
 
 # -- rendering -----------------------------------------------------------------------------------------
-def render_chats(tokenizer: Any, conversations: Sequence[Messages], *, add_generation_prompt: bool = False) -> list[str]:
+def render_chats(
+    tokenizer: Any, conversations: Sequence[Messages], *, add_generation_prompt: bool = False
+) -> list[str]:
     """Render many conversations with the tokenizer's chat template in one call."""
     if not conversations:
         return []
@@ -55,7 +57,9 @@ def render_each(
     out: list[str | None] = []
     for index, conversation in enumerate(conversations):
         try:
-            out.append(render_chats(tokenizer, [conversation], add_generation_prompt=add_generation_prompt)[0])
+            out.append(
+                render_chats(tokenizer, [conversation], add_generation_prompt=add_generation_prompt)[0]
+            )
         except Exception as exc:  # noqa: BLE001
             on_error(index, exc)
             out.append(None)
@@ -77,7 +81,9 @@ def generation_header(tokenizer: Any) -> str:
     text = render_chats(tokenizer, [[{"role": "assistant", "content": _SENTINEL}]])[0]
     cut = text.find(_SENTINEL)
     if cut < 0:
-        raise FtError("the model's chat template drops the content of a lone assistant turn; text rows cannot be used")
+        raise FtError(
+            "the model's chat template drops the content of a lone assistant turn; text rows cannot be used"
+        )
     return text[:cut]
 
 
@@ -98,7 +104,9 @@ def _not_incremental(example: Any, turn: int) -> FtError:
     )
 
 
-def assistant_spans(tokenizer: Any, examples: Sequence[Any], fulls: Sequence[str]) -> list[list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, examples: Sequence[Any], fulls: Sequence[str]
+) -> list[list[tuple[int, int]]]:
     """Character spans `[start, end)` of every assistant turn in each rendered conversation."""
     starts: list[tuple[int, int, Messages]] = []  # (row, turn, messages before the turn)
     ends: list[tuple[int, int, Messages]] = []  # (row, turn, messages up to and including the turn)
@@ -165,7 +173,13 @@ def encode(
     a row left without any label token teaches nothing and is dropped). `stats`, when given, receives
     counts of what happened.
     """
-    counts = {"rows_in": len(examples), "rows_out": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+    counts = {
+        "rows_in": len(examples),
+        "rows_out": 0,
+        "truncated": 0,
+        "dropped_too_long": 0,
+        "dropped_no_labels": 0,
+    }
     rows: list[dict[str, list[int]]] = []
     for lo in range(0, len(examples), BATCH):
         batch = examples[lo : lo + BATCH]
@@ -221,5 +235,9 @@ def prompt_and_reference(example: Any, tokenizer: Any) -> tuple[str, str]:
     messages = example.messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     before = messages[:last]
-    prompt = render_chats(tokenizer, [before], add_generation_prompt=True)[0] if before else generation_header(tokenizer)
+    prompt = (
+        render_chats(tokenizer, [before], add_generation_prompt=True)[0]
+        if before
+        else generation_header(tokenizer)
+    )
     return prompt, messages[last]["content"]

@@ -7,6 +7,7 @@ the comparison isolates exactly what the adapter changed. Generation is greedy a
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     outputs: list[str] = []
     device = next(model.parameters()).device
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+    interval = 0.2 if sys.stderr.isatty() else 15.0
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=interval):
         batch = prompts[i : i + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.bundle import open_bundle
+from ft.errors import FtError
 
 VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "unsloth")
 
@@ -155,3 +156,84 @@ def load_bundle(
     """
     bundle_dir, report = open_bundle(Path(path), work_dir, key=key)
     return bundle_dir, report.manifest or {}
+
+
+# -- the re-run ---------------------------------------------------------------------------------------
+@dataclass
+class ReproduceOutcome:
+    bundle: Path
+    run_dir: Path
+    env_diffs: list[EnvDiff]
+    comparison: MetricComparison
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+    def render(self) -> str:
+        head = f"# Reproduction of {self.bundle.name}\n\nRe-run: {self.run_dir}\n\n"
+        return head + render_reproduce(self.env_diffs, self.comparison)
+
+
+def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[str, str]:
+    """Map each recipe data entry to a file whose sha256 matches the sealed one.
+
+    Bundled copies (data/) win; otherwise the recorded location (a built-in, or the original path)
+    is used if its content is still the same. Anything else is an error: rerunning on other data
+    would "reproduce" nothing.
+    """
+    from ft.config import resolve_path
+    from ft.fsutil import sha256_file
+
+    bundled = {sha256_file(p): p for p in (bundle_dir / "data").glob("*") if p.is_file()}
+    mapping = {}
+    for f in data_manifest.get("files", []):
+        if f["sha256"] in bundled:
+            mapping[f["name"]] = str(bundled[f["sha256"]])
+            continue
+        try:
+            original = resolve_path(f["name"])
+        except FtError:
+            original = None
+        if original is not None and original.is_file() and sha256_file(original) == f["sha256"]:
+            mapping[f["name"]] = f["name"]
+        else:
+            raise FtError(
+                f"{f['name']}: the sealed data is not in the bundle and the file at its recorded path is "
+                "missing or changed; ask for a bundle made with --include-data"
+            )
+    return mapping
+
+
+def reproduce(bundle: Path, work_dir: Path) -> ReproduceOutcome:
+    """Verify the bundle, re-run its exact recipe on its exact data, compare environment and metrics."""
+    import json
+
+    import yaml
+
+    from ft import manifest, pipeline
+    from ft.config import settings_from_dict
+
+    work_dir = Path(work_dir)
+    bundle_dir, _manifest = load_bundle(Path(bundle), work_dir / "bundle")
+    recipe = yaml.safe_load((bundle_dir / "recipe.resolved.yaml").read_text(encoding="utf-8"))
+    data_manifest = json.loads((bundle_dir / "data.json").read_text(encoding="utf-8"))
+    paths = _sealed_data_paths(bundle_dir, data_manifest)
+    recipe["data"]["train"] = [paths.get(p, p) for p in recipe["data"]["train"]]
+    recipe["data"]["eval"] = [paths.get(p, p) for p in recipe["data"]["eval"]]
+    recipe["output"] = {**recipe.get("output", {}), "dir": str(work_dir / "runs"), "run_name": "rerun"}
+    settings = settings_from_dict(recipe, str(bundle_dir / "recipe.resolved.yaml"))
+
+    prep = pipeline.check_data(settings)
+    run_dir = pipeline.create_run(prep)
+    pipeline.train_stage(prep, run_dir, resume=None)
+    new_report = pipeline.eval_stage(prep, run_dir)
+
+    sealed_env = json.loads((bundle_dir / "env.json").read_text(encoding="utf-8"))
+    sealed_report = json.loads((bundle_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+    return ReproduceOutcome(
+        bundle=Path(bundle),
+        run_dir=run_dir,
+        env_diffs=compare_env(sealed_env, manifest.capture(full=False)),
+        comparison=compare_metrics(sealed_report, new_report, settings.eval.reproduce_tolerance),
+    )

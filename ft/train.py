@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,12 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
             self.tokens_last = 0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            # In a log file (CI, `docker compose run -T`) redraw rarely instead of on every step.
+            interval = 0.2 if sys.stderr.isatty() else 15.0
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                dynamic_ncols=True, mininterval=interval,
+            )
             self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
