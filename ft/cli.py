@@ -233,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    def data_flags(p):
+        p.add_argument("--train", dest="train_files", action="append", metavar="FILE", help="training file (repeatable)")
+        p.add_argument("--eval", dest="eval_files", action="append", metavar="FILE", help="held-out file (repeatable)")
+
     def train_flags(p):
         _recipe_args(p)
+        data_flags(p)
         p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
                        help="continue the newest unfinished run of this recipe from its last complete checkpoint")
         p.add_argument("--force", action="store_true", help="resume even if the recipe or data changed")
@@ -251,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(dsubs, "check", "validate, normalise and describe the data under a recipe",
              "ft data check --recipe default --train data/train.jsonl --eval data/eval.jsonl", cmd_data_check)
     _recipe_args(p)
-    p.add_argument("--train", dest="train_files", action="append", metavar="FILE", help="training file (repeatable)")
-    p.add_argument("--eval", dest="eval_files", action="append", metavar="FILE", help="held-out file (repeatable)")
+    data_flags(p)
     p.add_argument("--json", action="store_true", help="print the data manifest as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="list every problem, not just the first")
 

@@ -14,22 +14,21 @@ rows that share a prompt always land on the same side, so a seeded split cannot 
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ft.datafiles import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_rows
-from ft.datareport import render_report, token_stats
+from ft.datareport import Tallies, Tally, build_report, render_report
 from ft.datashapes import RowProblem, extract_label, normalise, show
 from ft.errors import FtError, located
 
 __all__ = ["CheckResult", "DataError", "Example", "check", "render_report"]
 
 BATCH = 4096  # rows rendered and tokenised per call while measuring lengths
-FIRST = 5  # locations kept per reason in the report
 
 
 @dataclass(slots=True)
@@ -55,32 +54,18 @@ class CheckResult:
     report: dict[str, Any]
 
 
-@dataclass
-class Tally:
-    """A count with its first few locations, for the report."""
-
-    count: int = 0
-    first: list[str] = field(default_factory=list)
-
-    def add(self, where: str) -> None:
-        self.count += 1
-        if len(self.first) < FIRST:
-            self.first.append(where)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "first": self.first}
-
-
 def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LINE_BYTES) -> CheckResult:
-    """Check the recipe's data files and return the normalised, split examples with their report."""
+    """Check the recipe's data files and return the normalised, split examples with their report.
+
+    `tokenizer` defaults to the recipe model's; `max_line_bytes` caps one JSONL line.
+    """
     d = settings.data
-    problems = Problems()
-    files: list[FileInfo] = []
-    context = _RowContext(d, problems)
     if not d.train:
         raise DataError(["data.train: no training files given"])
-    train = _load(d.train, "train", files, context, max_line_bytes)
-    held = _load(d.eval, "eval", files, context, max_line_bytes)
+    problems = Problems()
+    context = _RowContext(d, problems)
+    train = context.load(d.train, "train", max_line_bytes)
+    held = context.load(d.eval, "eval", max_line_bytes)
     problems.raise_if_any()
 
     if tokenizer is None:
@@ -88,64 +73,27 @@ def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LIN
 
         m = settings.model
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-    duplicates = Tally()
-    train = _apply_duplicates(train, d.duplicates, duplicates, problems)
-    held = _apply_duplicates(held, d.duplicates, duplicates, problems)
+    tallies = Tallies()
+    train = _apply_duplicates(train, d.duplicates, tallies.duplicates, problems)
+    held = _apply_duplicates(held, d.duplicates, tallies.duplicates, problems)
     _measure(train + held, tokenizer, problems)
     problems.raise_if_any()
-    lengths = [ex.tokens for ex in train] + [ex.tokens for ex in held]
+    lengths = [ex.tokens for ex in train + held]
 
-    leakage = Tally()
     if d.eval:
-        _find_leakage(train, held, leakage, problems)
-        split = {"method": "eval files"}
+        _find_leakage(train, held, tallies.leakage, problems)
     else:
         train, held = _seeded_split(train, d, problems)
-        split = {
-            "method": "seeded",
-            "seed": d.split_seed,
-            "eval_fraction": d.eval_fraction,
-            "eval_max_rows": d.eval_max_rows,
-        }
     problems.raise_if_any()
 
-    max_len = settings.train.max_seq_length
-    dropped = {"too_long": Tally(), "prompt_fills_window": Tally()}
-    over = Tally()
-    fitted = _apply_too_long(train, max_len, d.too_long, tokenizer, over, dropped, problems)
-    fitted_held = _apply_too_long(held, max_len, d.too_long, tokenizer, over, dropped, problems)
-    if not problems.total and not fitted:
-        everything = train if fitted_held else train + held
-        problems.add(_nothing_fits(", ".join(d.train), everything, max_len, d.too_long))
-    elif not problems.total and held and not fitted_held:
-        problems.add(_nothing_fits(", ".join(d.eval) or "the held-out split", held, max_len, d.too_long))
+    train, held = _fit_lengths(train, held, settings, tokenizer, tallies, problems)
     problems.raise_if_any()
-    train, held = fitted, fitted_held
-
-    split.update(
-        train_size=len(train),
-        eval_size=len(held),
-        train_ids=[ex.id for ex in train],
-        eval_ids=[ex.id for ex in held],
-    )
-    report = {
-        "format": "ft-data/1",
-        "tokenizer": _tokenizer_facts(settings, tokenizer),
-        "files": [f.to_dict() for f in files],
-        "rows": {"read": context.rows, "train": len(train), "eval": len(held)},
-        "shapes": dict(context.shapes.most_common()),
+    counts = {
+        "read": context.rows,
+        "shapes": context.shapes,
         "system_prompt_added": context.system_prompt_added,
-        "duplicates": {"policy": d.duplicates, **duplicates.to_dict()},
-        "dropped": {
-            "duplicate": duplicates.to_dict() if d.duplicates == "drop" else Tally().to_dict(),
-            **{reason: tally.to_dict() for reason, tally in dropped.items()},
-        },
-        "tokens": token_stats(lengths),
-        "too_long": {"max_seq_length": max_len, "policy": d.too_long, **over.to_dict()},
-        "leakage": {"checked": bool(d.eval), **leakage.to_dict()},
-        "labels": _label_report(d, train, held),
-        "split": split,
     }
+    report = build_report(settings, tokenizer, context.files, counts, tallies, lengths, train, held)
     return CheckResult(train, held, report)
 
 
@@ -157,9 +105,29 @@ class _RowContext:
         self.d = data_settings
         self.problems = problems
         self.declared = set(data_settings.labels) if data_settings.labels is not None else None
+        self.files: list[FileInfo] = []
         self.shapes: Counter[str] = Counter()
         self.rows = 0
         self.system_prompt_added = 0
+
+    def load(self, paths: list[str], role: str, max_line_bytes: int) -> list[Example]:
+        """Examples from every file in `paths` (names kept as the user wrote them)."""
+        from ft.config import resolve_path
+
+        examples: list[Example] = []
+        for given in paths:
+            info = FileInfo(role, given)
+            self.files.append(info)
+            try:
+                path = Path(resolve_path(given))
+            except FtError as exc:
+                self.problems.add(str(exc))
+                continue
+            for line, row in read_rows(path, info, self.problems, max_line_bytes=max_line_bytes):
+                example = self.example(row, given, line)
+                if example is not None:
+                    examples.append(example)
+        return examples
 
     def example(self, row: Any, source: str, line: int | str) -> Example | None:
         self.rows += 1
@@ -191,31 +159,17 @@ class _RowContext:
         return label
 
 
-def _load(
-    paths: list[str], role: str, files: list[FileInfo], context: _RowContext, max_line_bytes: int
-) -> list[Example]:
-    from ft.config import resolve_path
-
-    examples: list[Example] = []
-    for given in paths:
-        info = FileInfo(role, given)
-        files.append(info)
-        try:
-            path = Path(resolve_path(given))
-        except FtError as exc:
-            context.problems.add(str(exc))
-            continue
-        for line, row in read_rows(path, info, context.problems, max_line_bytes=max_line_bytes):
-            example = context.example(row, given, line)
-            if example is not None:
-                examples.append(example)
-    return examples
-
-
 # -- policies ------------------------------------------------------------------------------------------
 def _digest(text: str) -> bytes:
     # A 128-bit digest instead of the text itself keeps the lookup tables small on big data sets.
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return _blake2b()(text.encode("utf-8"), digest_size=16).digest()
+
+
+@functools.cache
+def _blake2b() -> Any:
+    import hashlib  # loading OpenSSL is a third of this module's import time; pay it only when checking
+
+    return hashlib.blake2b
 
 
 def conversation_key(messages: list[dict[str, str]]) -> bytes:
@@ -270,18 +224,34 @@ def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
             ex.tokens = n
 
 
-def _apply_too_long(
-    rows: list[Example],
-    max_len: int,
-    policy: str,
+def _fit_lengths(
+    train: list[Example],
+    held: list[Example],
+    settings: Any,
     tokenizer: Any,
-    over: Tally,
-    dropped: dict[str, Tally],
+    tallies: Tallies,
     problems: Problems,
+) -> tuple[list[Example], list[Example]]:
+    """Apply data.too_long to both sides; refuse when a side is left with nothing."""
+    d, max_len = settings.data, settings.train.max_seq_length
+    fitted = _apply_too_long(train, max_len, d.too_long, tokenizer, tallies, problems)
+    fitted_held = _apply_too_long(held, max_len, d.too_long, tokenizer, tallies, problems)
+    if problems.total:
+        return fitted, fitted_held
+    if not fitted:
+        everything = train if fitted_held else train + held
+        problems.add(_nothing_fits(", ".join(d.train), everything, max_len, d.too_long))
+    elif held and not fitted_held:
+        problems.add(_nothing_fits(", ".join(d.eval) or "the held-out split", held, max_len, d.too_long))
+    return fitted, fitted_held
+
+
+def _apply_too_long(
+    rows: list[Example], max_len: int, policy: str, tokenizer: Any, tallies: Tallies, problems: Problems
 ) -> list[Example]:
     long_rows = [ex for ex in rows if ex.tokens > max_len]
     for ex in long_rows:
-        over.add(f"{ex.id} ({ex.tokens} tokens)")
+        tallies.over.add(f"{ex.id} ({ex.tokens} tokens)")
         if policy == "error":
             problems.add(
                 f"{ex.id}: {ex.tokens} tokens, longer than train.max_seq_length ({max_len}) and data.too_long "
@@ -292,12 +262,12 @@ def _apply_too_long(
     if policy == "drop":
         gone = {id(ex) for ex in long_rows}
         for ex in long_rows:
-            dropped["too_long"].add(ex.id)
+            tallies.too_long.add(ex.id)
     else:  # truncate keeps the start; a row whose prompt alone fills the window has no answer left
         gone = {id(ex) for ex in _prompt_fills_window(long_rows, max_len, tokenizer)}
         for ex in long_rows:
             if id(ex) in gone:
-                dropped["prompt_fills_window"].add(ex.id)
+                tallies.prompt_fills_window.add(ex.id)
     return [ex for ex in rows if id(ex) not in gone]
 
 
@@ -366,32 +336,3 @@ def _seeded_split(rows: list[Example], d: Any, problems: Problems) -> tuple[list
     train = [ex for i, ex in enumerate(rows) if i not in chosen]
     held = [ex for i, ex in enumerate(rows) if i in chosen]
     return train, held
-
-
-# -- report pieces -------------------------------------------------------------------------------------
-def _label_report(d: Any, train: list[Example], held: list[Example]) -> dict[str, Any] | None:
-    if not d.label_field:
-        return None
-    train_counts = Counter(ex.label for ex in train)
-    report = {
-        "field": d.label_field,
-        "declared": d.labels,
-        "train": dict(train_counts.most_common()),
-        "eval": dict(Counter(ex.label for ex in held).most_common()),
-    }
-    if d.labels is not None:
-        report["missing_from_train"] = [label for label in d.labels if label not in train_counts]
-    return report
-
-
-def _tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
-    template = getattr(tokenizer, "chat_template", None)
-    return {
-        "name": settings.model.name_or_path,
-        "revision": settings.model.revision,
-        "class": type(tokenizer).__name__,
-        "vocab_size": len(tokenizer),
-        "chat_template_sha256": hashlib.sha256(str(template).encode("utf-8")).hexdigest()
-        if template
-        else None,
-    }

@@ -7,7 +7,6 @@ sees how much is wrong in one go; the file is hashed while it is read, so it is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -64,11 +63,19 @@ class FileInfo:
     bytes: int = 0
     rows: int = 0
     format: str = ""
-    _hash: Any = field(default_factory=hashlib.sha256, repr=False)
+    _hash: Any = field(default=None, repr=False)
 
     def feed(self, chunk: bytes) -> None:
+        if self._hash is None:
+            import hashlib  # deferred: loading OpenSSL would dominate `import ft.data`
+
+            self._hash = hashlib.sha256()
         self._hash.update(chunk)
         self.bytes += len(chunk)
+
+    def seal(self) -> None:
+        self.feed(b"")
+        self.sha256 = self._hash.hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +111,7 @@ def read_rows(
             yield from _read_jsonl(handle, info, problems, max_line_bytes)
         else:
             yield from _read_json_array(handle, info, problems)
-    info.sha256 = info._hash.hexdigest()
+    info.seal()
     if info.rows == 0 and info.format == "jsonl":
         problems.add(f"{name}: no rows (only blank lines)")
 
@@ -259,7 +266,14 @@ def _may_hold_surrogate(text: str) -> bool:
     return "\\ud" in text or "\\uD" in text
 
 
-def _lone_surrogate(value: Any, path: str = "") -> str | None:
+def _lone_surrogate(value: Any) -> str | None:
+    try:
+        return _find_surrogate(value, "")
+    except RecursionError:  # json.loads accepted the depth, but this walk adds frames of its own
+        return "value (nested too deeply to inspect)"
+
+
+def _find_surrogate(value: Any, path: str) -> str | None:
     """The field path of the first string holding a lone surrogate (it cannot be encoded, so no tokenizer takes it)."""
     if isinstance(value, str):
         try:
@@ -274,7 +288,7 @@ def _lone_surrogate(value: Any, path: str = "") -> str | None:
     else:
         return None
     for child_path, child in children:
-        found = _lone_surrogate(child, child_path)
+        found = _find_surrogate(child, child_path)
         if found:
             return found
     return None

@@ -1,11 +1,127 @@
-"""The data report for people: `render_report(report)` turns the data.json dict into a short text table."""
+"""The data report: `build_report` assembles the run's data.json, `render_report` shows it to people."""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 PERCENTILES = (50, 90, 99)
+FIRST = 5  # locations kept per reason
+
+
+@dataclass
+class Tally:
+    """A count with its first few locations."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, where: str) -> None:
+        self.count += 1
+        if len(self.first) < FIRST:
+            self.first.append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "first": self.first}
+
+
+@dataclass
+class Tallies:
+    """What the check found and did, reason by reason."""
+
+    duplicates: Tally = field(default_factory=Tally)  # found (dropped only under data.duplicates=drop)
+    leakage: Tally = field(default_factory=Tally)
+    over: Tally = field(default_factory=Tally)  # rows over train.max_seq_length, whatever the policy
+    too_long: Tally = field(default_factory=Tally)  # dropped for length
+    prompt_fills_window: Tally = field(
+        default_factory=Tally
+    )  # dropped under truncate: no room for the answer
+
+
+def build_report(
+    settings: Any,
+    tokenizer: Any,
+    files: list[Any],
+    counts: dict[str, Any],
+    tallies: Tallies,
+    lengths: list[int],
+    train: list[Any],
+    held: list[Any],
+) -> dict[str, Any]:
+    """The data manifest (JSON-able): files and hashes, shapes, drops, lengths, labels and the split."""
+    d = settings.data
+    split: dict[str, Any] = (
+        {"method": "eval files"}
+        if d.eval
+        else {
+            "method": "seeded",
+            "seed": d.split_seed,
+            "eval_fraction": d.eval_fraction,
+            "eval_max_rows": d.eval_max_rows,
+        }
+    )
+    split.update(
+        train_size=len(train),
+        eval_size=len(held),
+        train_ids=[ex.id for ex in train],
+        eval_ids=[ex.id for ex in held],
+    )
+    dropped_duplicates = tallies.duplicates if d.duplicates == "drop" else Tally()
+    return {
+        "format": "ft-data/1",
+        "tokenizer": tokenizer_facts(settings, tokenizer),
+        "files": [f.to_dict() for f in files],
+        "rows": {"read": counts["read"], "train": len(train), "eval": len(held)},
+        "shapes": dict(counts["shapes"].most_common()),
+        "system_prompt_added": counts["system_prompt_added"],
+        "duplicates": {"policy": d.duplicates, **tallies.duplicates.to_dict()},
+        "dropped": {
+            "duplicate": dropped_duplicates.to_dict(),
+            "too_long": tallies.too_long.to_dict(),
+            "prompt_fills_window": tallies.prompt_fills_window.to_dict(),
+        },
+        "tokens": token_stats(lengths),
+        "too_long": {
+            "max_seq_length": settings.train.max_seq_length,
+            "policy": d.too_long,
+            **tallies.over.to_dict(),
+        },
+        "leakage": {"checked": bool(d.eval), **tallies.leakage.to_dict()},
+        "labels": label_report(d, train, held),
+        "split": split,
+    }
+
+
+def label_report(d: Any, train: list[Any], held: list[Any]) -> dict[str, Any] | None:
+    if not d.label_field:
+        return None
+    train_counts = Counter(ex.label for ex in train)
+    report = {
+        "field": d.label_field,
+        "declared": d.labels,
+        "train": dict(train_counts.most_common()),
+        "eval": dict(Counter(ex.label for ex in held).most_common()),
+    }
+    if d.labels is not None:
+        report["missing_from_train"] = [label for label in d.labels if label not in train_counts]
+    return report
+
+
+def tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
+    """Enough to tell whether two checks measured with the same tokenizer and chat template."""
+    import hashlib
+
+    template = getattr(tokenizer, "chat_template", None)
+    digest = hashlib.sha256(str(template).encode("utf-8")).hexdigest() if template else None
+    return {
+        "name": settings.model.name_or_path,
+        "revision": settings.model.revision,
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "chat_template_sha256": digest,
+    }
 
 
 def token_stats(lengths: list[int]) -> dict[str, Any]:
@@ -40,11 +156,11 @@ def _counts(counts: dict[str, int], limit: int = 8) -> str:
     return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "") if items else "-"
 
 
-def _first(tally: dict[str, Any]) -> str:
+def _first(tally: dict[str, Any], shown: int = 2) -> str:
     if not tally["count"]:
         return "none"
-    more = ", ..." if tally["count"] > len(tally["first"]) else ""
-    return f"{tally['count']}: {', '.join(tally['first'])}{more}"
+    more = ", ..." if tally["count"] > shown else ""
+    return f"{tally['count']}: {', '.join(tally['first'][:shown])}{more}"
 
 
 def render_report(report: dict[str, Any]) -> str:

@@ -187,7 +187,7 @@ def encode(
         spans = assistant_spans(tokenizer, batch, fulls) if assistant_only else None
         enc = _tokenize_with_offsets(tokenizer, fulls, want_offsets=assistant_only)
         for k, example in enumerate(batch):
-            ids = list(enc["input_ids"][k])
+            ids = enc["input_ids"][k]
             labels = label_tokens(ids, enc["offset_mapping"][k], spans[k]) if spans is not None else list(ids)
             row = _fit(example, ids, labels, max_seq_length, too_long, counts)
             if row is not None:

@@ -71,8 +71,8 @@ ALIASES = {
     "rtx4060-laptop": "rtx4060-laptop-8gb",
 }
 
+# A unit is required: a bare "4090" is a card's name, not 4090 GiB.
 _UNITS = {
-    "": GIB,
     "g": GIB,
     "gi": GIB,
     "gib": GIB,
@@ -86,7 +86,7 @@ _UNITS = {
     "tib": 1 << 40,
     "tb": 10**12,
 }
-_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 
 
 def parse_amount(text: str) -> int | None:
