@@ -90,12 +90,22 @@ def lint(session: nox.Session) -> None:
 def smoke(session: nox.Session) -> None:
     """The whole loop on the tiny recipe (check, train, eval, package), then verify the bundle."""
     install_locked(session)
-    work = Path(session.create_tmp()) / "smoke"
+    work = Path(session.create_tmp()).resolve() / "smoke"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    env = {**OFFLINE, "FT_CACHE": str(Path(session.create_tmp()) / "ft-cache")}
+    env = {**OFFLINE, "FT_CACHE": str(Path(session.create_tmp()).resolve() / "ft-cache")}
     session.chdir(work)
-    session.run("ft", "run", "--recipe", "tiny", "--set", "output.dir=runs", "--set", "output.bundle_dir=bundles", env=env)
+    session.run(
+        "ft",
+        "run",
+        "--recipe",
+        "tiny",
+        "--set",
+        "output.dir=runs",
+        "--set",
+        "output.bundle_dir=bundles",
+        env=env,
+    )
     archives = sorted((work / "bundles").glob("*.tar.gz"))
     if not archives:
         session.error("smoke: ft run left no bundle archive")

@@ -31,11 +31,20 @@ Every setting comes from a recipe (built-in name or YAML file), FT_* environment
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--recipe", "-r", default=os.environ.get("FT_RECIPE") or "default",
+        "--recipe",
+        "-r",
+        default=os.environ.get("FT_RECIPE") or "default",
         help="built-in recipe name (default, tiny) or a YAML file [env FT_RECIPE; default: default]",
     )
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set lora.r=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set lora.r=32 (repeatable)",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,7 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _sub(subs, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
     p = subs.add_parser(
-        name, help=help, description=f"example:\n  {example}\n\n{help}",
+        name,
+        help=help,
+        description=f"example:\n  {example}\n\n{help}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(p)
@@ -147,7 +158,9 @@ def cmd_train(args) -> int:
     settings = _settings(args)
     prep, run_dir = _prepare_run(args, settings)
     result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
-    _out(f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.runtime_s:.1f} s, backend {result.backend})")
+    _out(
+        f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.runtime_s:.1f} s, backend {result.backend})"
+    )
     return 0
 
 
@@ -159,7 +172,9 @@ def cmd_eval(args) -> int:
     prep = pipeline.check_data(settings)
     meta = pipeline.read_run(run_dir)
     if meta.get("data_sha256") != prep.data_sha256:
-        raise FtError(f"{run_dir}: the data changed since this run was trained (sha256 differs); evaluate a new run")
+        raise FtError(
+            f"{run_dir}: the data changed since this run was trained (sha256 differs); evaluate a new run"
+        )
     report = pipeline.eval_stage(prep, run_dir)
     _out((run_dir / "decision.md").read_text(encoding="utf-8"))
     return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
@@ -173,7 +188,9 @@ def cmd_package(args) -> int:
     settings = pipeline.settings_of_run(run_dir)
     if args.out:
         settings.output.bundle_dir = args.out
-    result = pipeline.package_stage(settings, run_dir, include_data=args.include_data or None, sign_key=args.sign_key)
+    result = pipeline.package_stage(
+        settings, run_dir, include_data=args.include_data or None, sign_key=args.sign_key
+    )
     _out(render_package(result))
     return 0
 
@@ -181,7 +198,9 @@ def cmd_package(args) -> int:
 def cmd_verify(args) -> int:
     from ft import bundle
 
-    report = bundle.verify(Path(args.bundle), key=Path(args.key) if args.key else None, raise_on_failure=False)
+    report = bundle.verify(
+        Path(args.bundle), key=Path(args.key) if args.key else None, raise_on_failure=False
+    )
     if not report.ok:
         print(report.render(), file=sys.stderr)
         raise FtError(report.one_line())
@@ -218,7 +237,9 @@ def cmd_run(args) -> int:
     if not args.no_package:
         from ft.bundle import render_package
 
-        _out(render_package(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None)))
+        _out(
+            render_package(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None))
+        )
     return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
 
 
@@ -234,18 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def data_flags(p):
-        p.add_argument("--train", dest="train_files", action="append", metavar="FILE", help="training file (repeatable)")
-        p.add_argument("--eval", dest="eval_files", action="append", metavar="FILE", help="held-out file (repeatable)")
+        p.add_argument(
+            "--train", dest="train_files", action="append", metavar="FILE", help="training file (repeatable)"
+        )
+        p.add_argument(
+            "--eval", dest="eval_files", action="append", metavar="FILE", help="held-out file (repeatable)"
+        )
 
     def train_flags(p):
         _recipe_args(p)
         data_flags(p)
-        p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|CHECKPOINT",
-                       help="continue the newest unfinished run of this recipe from its last complete checkpoint")
+        p.add_argument(
+            "--resume",
+            nargs="?",
+            const="auto",
+            default=None,
+            metavar="auto|CHECKPOINT",
+            help="continue the newest unfinished run of this recipe from its last complete checkpoint",
+        )
         p.add_argument("--force", action="store_true", help="resume even if the recipe or data changed")
         p.add_argument("--run-dir", help="use this run directory (default: a new one under output.dir)")
 
-    p = _sub(subs, "run", "check -> train -> eval -> package, in one command", "ft run --recipe tiny", cmd_run)
+    p = _sub(
+        subs, "run", "check -> train -> eval -> package, in one command", "ft run --recipe tiny", cmd_run
+    )
     train_flags(p)
     p.add_argument("--no-package", action="store_true", help="stop after the evaluation")
     p.add_argument("--include-data", action="store_true", help="copy the data files into the bundle")
@@ -253,53 +286,113 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "data", "data commands", "ft data check --train data/train.jsonl", None)
     dsubs = p.add_subparsers(dest="data_command", metavar="check")
-    p = _sub(dsubs, "check", "validate, normalise and describe the data under a recipe",
-             "ft data check --recipe default --train data/train.jsonl --eval data/eval.jsonl", cmd_data_check)
+    p = _sub(
+        dsubs,
+        "check",
+        "validate, normalise and describe the data under a recipe",
+        "ft data check --recipe default --train data/train.jsonl --eval data/eval.jsonl",
+        cmd_data_check,
+    )
     _recipe_args(p)
     data_flags(p)
     p.add_argument("--json", action="store_true", help="print the data manifest as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="list every problem, not just the first")
 
-    p = _sub(subs, "size", "predict peak GPU memory, the largest micro-batch that fits and the wall time",
-             "ft size --recipe default --gpu 24GiB --seq 2048", cmd_size)
+    p = _sub(
+        subs,
+        "size",
+        "predict peak GPU memory, the largest micro-batch that fits and the wall time",
+        "ft size --recipe default --gpu 24GiB --seq 2048",
+        cmd_size,
+    )
     _recipe_args(p)
-    p.add_argument("--model", help="Hub id, local directory or preset (e.g. qwen2.5-7b); default: the recipe's")
+    p.add_argument(
+        "--model", help="Hub id, local directory or preset (e.g. qwen2.5-7b); default: the recipe's"
+    )
     p.add_argument("--seq", type=int, help="sequence length (default: train.max_seq_length)")
-    p.add_argument("--micro-batch", type=int, help="micro-batch to predict for (default: the recipe's or the largest fit)")
-    p.add_argument("--gpu", help="GPU to size against: the one present, a size (24GiB, 80GB) or a name (rtx4090, h100)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="micro-batch to predict for (default: the recipe's or the largest fit)",
+    )
+    p.add_argument(
+        "--gpu", help="GPU to size against: the one present, a size (24GiB, 80GB) or a name (rtx4090, h100)"
+    )
     p.add_argument("--probe", action="store_true", help="also run a few real steps on the GPU and measure")
     p.add_argument("--json", action="store_true")
 
-    p = _sub(subs, "train", "train a LoRA adapter (checkpoints, --resume auto)", "ft train --recipe tiny --resume auto", cmd_train)
+    p = _sub(
+        subs,
+        "train",
+        "train a LoRA adapter (checkpoints, --resume auto)",
+        "ft train --recipe tiny --resume auto",
+        cmd_train,
+    )
     train_flags(p)
 
-    p = _sub(subs, "eval", "base vs tuned on the held-out prompts, then KEEP or DISCARD", "ft eval runs/tiny-20261122-101500-1a2b3c4d", cmd_eval)
+    p = _sub(
+        subs,
+        "eval",
+        "base vs tuned on the held-out prompts, then KEEP or DISCARD",
+        "ft eval runs/tiny-20261122-101500-1a2b3c4d",
+        cmd_eval,
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--strict", action="store_true", help="exit with 3 when the verdict is DISCARD")
 
-    p = _sub(subs, "package", "seal a finished run into a verifiable bundle (+ .tar.gz)", "ft package runs/tiny-20261122-101500-1a2b3c4d", cmd_package)
+    p = _sub(
+        subs,
+        "package",
+        "seal a finished run into a verifiable bundle (+ .tar.gz)",
+        "ft package runs/tiny-20261122-101500-1a2b3c4d",
+        cmd_package,
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", help="bundle directory (default: output.bundle_dir)")
     p.add_argument("--include-data", action="store_true", help="copy the data files into the bundle")
-    p.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign MANIFEST.json with (see `ft keygen`)")
+    p.add_argument(
+        "--sign-key", help="Ed25519 private key (PEM) to sign MANIFEST.json with (see `ft keygen`)"
+    )
 
-    p = _sub(subs, "verify", "recompute every checksum of a bundle (directory or .tar.gz)", "ft verify bundles/tiny-20261122-101500-1a2b3c4d.tar.gz --key ft.pub", cmd_verify)
+    p = _sub(
+        subs,
+        "verify",
+        "recompute every checksum of a bundle (directory or .tar.gz)",
+        "ft verify bundles/tiny-20261122-101500-1a2b3c4d.tar.gz --key ft.pub",
+        cmd_verify,
+    )
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--key", help="public key (PEM) that must have signed MANIFEST.json")
 
-    p = _sub(subs, "reproduce", "re-run a bundle's recipe on its data and compare environment and metrics", "ft reproduce bundles/tiny-20261122-101500-1a2b3c4d.tar.gz", cmd_reproduce)
+    p = _sub(
+        subs,
+        "reproduce",
+        "re-run a bundle's recipe on its data and compare environment and metrics",
+        "ft reproduce bundles/tiny-20261122-101500-1a2b3c4d.tar.gz",
+        cmd_reproduce,
+    )
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--work", default="reproduce", help="where to re-run (default: ./reproduce)")
 
-    p = _sub(subs, "keygen", "make an Ed25519 key pair for signing bundles", "ft keygen ft.key ft.pub", cmd_keygen)
+    p = _sub(
+        subs, "keygen", "make an Ed25519 key pair for signing bundles", "ft keygen ft.key ft.pub", cmd_keygen
+    )
     p.add_argument("private")
     p.add_argument("public")
 
-    p = _sub(subs, "env", "print the environment manifest recorded with every result", "ft env --json", cmd_env)
+    p = _sub(
+        subs, "env", "print the environment manifest recorded with every result", "ft env --json", cmd_env
+    )
     p.add_argument("--json", action="store_true", help="full manifest including every installed distribution")
     p.add_argument("--short", action="store_true", help="skip torch (fast)")
 
-    p = _sub(subs, "recipes", "list built-in recipes, show one resolved, or print the settings reference", "ft recipes default", cmd_recipes)
+    p = _sub(
+        subs,
+        "recipes",
+        "list built-in recipes, show one resolved, or print the settings reference",
+        "ft recipes default",
+        cmd_recipes,
+    )
     p.add_argument("name", nargs="?", help="show this recipe fully resolved")
     p.add_argument("--reference", action="store_true", help="every setting with its default and meaning")
     return parser
@@ -321,13 +414,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; a complete checkpoint, if any, can be resumed with --resume auto", file=sys.stderr)
+        print(
+            "interrupted; a complete checkpoint, if any, can be resumed with --resume auto", file=sys.stderr
+        )
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a readable line
         if args.debug:
             raise
-        print(f"error: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr, flush=True)
+        print(
+            f"error: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
 
 

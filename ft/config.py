@@ -39,20 +39,28 @@ class ModelSettings(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     quantization: Literal["auto", "nf4", "none"] = Field(
-        "auto", description="`nf4` loads the base in 4-bit (QLoRA, needs CUDA); `auto` = nf4 on CUDA, none on CPU."
+        "auto",
+        description="`nf4` loads the base in 4-bit (QLoRA, needs CUDA); `auto` = nf4 on CUDA, none on CPU.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Compute dtype; `auto` = bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU."
+        "auto",
+        description="Compute dtype; `auto` = bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU.",
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: only known architectures).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the Hub (off: only known architectures)."
+    )
 
 
 class LoraSettings(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path (0 keeps Unsloth's fast path).")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path (0 keeps Unsloth's fast path)."
+    )
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_PROJECTIONS), min_length=1, description="Linear layers that get adapters."
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        min_length=1,
+        description="Linear layers that get adapters.",
     )
 
 
@@ -60,14 +68,20 @@ class TrainSettings(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="`auto` = Unsloth on a supported CUDA GPU, else transformers+peft(+bitsandbytes)."
     )
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where to train; `auto` = CUDA when present.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where to train; `auto` = CUDA when present."
+    )
     max_seq_length: int = Field(2048, gt=8, description="Tokens per example after the chat template.")
     micro_batch: int | Literal["auto"] = Field(
         "auto", description="Examples per forward pass; `auto` = the largest that `ft size` predicts fits."
     )
-    effective_batch: int = Field(16, gt=0, description="Examples per optimizer step (micro_batch x accumulation).")
+    effective_batch: int = Field(
+        16, gt=0, description="Examples per optimizer step (micro_batch x accumulation)."
+    )
     epochs: float = Field(2.0, gt=0, description="Passes over the training split.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warm-up."
@@ -78,10 +92,16 @@ class TrainSettings(Section):
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="8-bit optimizers need bitsandbytes and CUDA."
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
-    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (prompts are masked).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward to save memory."
+    )
+    assistant_only_loss: bool = Field(
+        True, description="Train on assistant tokens only (prompts are masked)."
+    )
     seed: int = Field(42, description="Seeds python, numpy, torch and the data order.")
-    deterministic: bool = Field(False, description="Use deterministic kernels (slower on GPU; CPU is always so).")
+    deterministic: bool = Field(
+        False, description="Use deterministic kernels (slower on GPU; CPU is always so)."
+    )
     save_every: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept on disk.")
     log_every: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
@@ -92,22 +112,28 @@ class DataSettings(Section):
         default_factory=lambda: ["builtin:tickets.jsonl"],
         description="Training files (JSONL or JSON array). `builtin:NAME` = a dataset shipped with ft.",
     )
-    eval: list[str] = Field(default_factory=list, description="Held-out files; empty = a seeded split of `train`.")
+    eval: list[str] = Field(
+        default_factory=list, description="Held-out files; empty = a seeded split of `train`."
+    )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto", description="Row shape; `auto` detects it per row."
     )
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out when no eval file is given.")
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of rows held out when no eval file is given."
+    )
     eval_max_rows: int = Field(200, gt=0, description="Cap on the held-out split size.")
     split_seed: int = Field(1234, description="Seed of the held-out split.")
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with rows longer than train.max_seq_length."
     )
     duplicates: Literal["drop", "error", "keep"] = Field(
-        "drop", description="Rows repeating an earlier conversation exactly: drop them, refuse the data, or keep them."
+        "drop",
+        description="Rows repeating an earlier conversation exactly: drop them, refuse the data, or keep them.",
     )
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
     label_field: str | None = Field(
-        None, description="JSON key of the assistant answer that holds a class label (label distribution, accuracy)."
+        None,
+        description="JSON key of the assistant answer that holds a class label (label distribution, accuracy).",
     )
     labels: list[str] | None = Field(None, description="Declared label set; labels outside it are errors.")
 
@@ -122,7 +148,8 @@ class EvalSettings(Section):
     primary_metric: Literal[METRICS] = Field("exact_match", description="Metric the decision rule is about.")
     min_improvement: float = Field(0.05, description="KEEP needs tuned - base >= this on the primary metric.")
     guard_metrics: list[Literal[METRICS]] = Field(
-        default_factory=lambda: ["json_valid"], description="Metrics that must not get worse by more than max_regression."
+        default_factory=lambda: ["json_valid"],
+        description="Metrics that must not get worse by more than max_regression.",
     )
     max_regression: float = Field(0.02, ge=0, description="Largest allowed worsening of any guard metric.")
     worst_examples: int = Field(5, ge=0, description="Examples shown side by side in report.md.")
@@ -147,7 +174,11 @@ class Settings(BaseSettings):
     """A resolved recipe."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FT_", env_nested_delimiter="__", extra="forbid", validate_assignment=True, env_ignore_empty=True
+        env_prefix="FT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        env_ignore_empty=True,
     )
 
     name: str = Field("custom", description="Name of the recipe; the run directory starts with it.")
@@ -176,7 +207,9 @@ class Settings(BaseSettings):
             )
         if t.device == "cpu":
             if self.model.quantization == "nf4":
-                raise ValueError("model.quantization: nf4 (4-bit loading) needs CUDA, but train.device is cpu")
+                raise ValueError(
+                    "model.quantization: nf4 (4-bit loading) needs CUDA, but train.device is cpu"
+                )
             if t.backend == "unsloth":
                 raise ValueError("train.backend: unsloth needs CUDA, but train.device is cpu")
             if "8bit" in t.optimizer:
@@ -210,7 +243,9 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        header = "# ft resolved recipe: every setting, after defaults, recipe file, FT_* env and CLI overrides\n"
+        header = (
+            "# ft resolved recipe: every setting, after defaults, recipe file, FT_* env and CLI overrides\n"
+        )
         return header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
 
     @property
@@ -271,7 +306,9 @@ def read_recipe(recipe: str | os.PathLike | None) -> tuple[dict[str, Any], str]:
         if not text_path.is_file():
             raise FtError(f"{text_path}: recipe file not found")
     else:
-        raise FtError(f"recipe {str(recipe)!r}: not a file and not a built-in recipe{_suggest(str(recipe), list(builtins))}")
+        raise FtError(
+            f"recipe {str(recipe)!r}: not a file and not a built-in recipe{_suggest(str(recipe), list(builtins))}"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -373,7 +410,9 @@ class _DictSource(PydanticBaseSettingsSource):
         return dict(self.data)
 
 
-_LAYERS: ContextVar[tuple[dict[str, Any], dict[str, Any]]] = ContextVar("ft_settings_layers", default=({}, {}))
+_LAYERS: ContextVar[tuple[dict[str, Any], dict[str, Any]]] = ContextVar(
+    "ft_settings_layers", default=({}, {})
+)
 
 
 def load_settings(

@@ -47,14 +47,18 @@ def load_schema_validator(schema_setting):
     return cls(schema), schema
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+def _generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str
+) -> list[str]:
     import torch
 
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     outputs: list[str] = []
     device = next(model.parameters()).device
     interval = 0.2 if sys.stderr.isatty() else 15.0
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=interval):
+    for i in tqdm(
+        range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=interval
+    ):
         batch = prompts[i : i + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
@@ -97,7 +101,10 @@ def _eval_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) ->
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         total += loss.item()
         count += int((shift_labels != -100).sum().item())
@@ -136,7 +143,15 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
         base_scores.append(bs)
         tuned_scores.append(ts)
         predictions.append(
-            {"id": ex.id, "prompt": prompt, "reference": ref, "base": b, "tuned": t, "base_scores": bs, "tuned_scores": ts}
+            {
+                "id": ex.id,
+                "prompt": prompt,
+                "reference": ref,
+                "base": b,
+                "tuned": t,
+                "base_scores": bs,
+                "tuned_scores": ts,
+            }
         )
     base_avg, tuned_avg = average(base_scores), average(tuned_scores)
     if base_loss is not None:

@@ -22,14 +22,34 @@ from pathlib import Path
 from typing import Any
 
 KEY_PACKAGES = (
-    "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "unsloth", "unsloth_zoo",
-    "tokenizers", "safetensors", "pydantic", "pydantic-settings", "triton", "ft",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "unsloth",
+    "unsloth_zoo",
+    "tokenizers",
+    "safetensors",
+    "pydantic",
+    "pydantic-settings",
+    "triton",
+    "ft",
 )
 # Written into the image at build time (see Dockerfile); absent outside the container.
 IMAGE_INFO = Path(os.environ.get("FT_IMAGE_INFO", "/etc/ft/image.json"))
 # Environment variables worth recording: they change what runs where. Nothing else is ever read.
-RECORDED_ENV = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "PYTORCH_CUDA_ALLOC_CONF",
-                "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS", "FT_IMAGE_ID")
+RECORDED_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "HF_HUB_OFFLINE",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "OMP_NUM_THREADS",
+    "FT_IMAGE_ID",
+)
 
 
 def utc_now() -> str:
@@ -65,7 +85,10 @@ def _nvidia_smi() -> list[dict[str, str]]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -122,11 +145,18 @@ def git_commit() -> str | None:
     src = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(src), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

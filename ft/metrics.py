@@ -69,7 +69,9 @@ def score(pred: str, ref: str, *, validator=None, label_field: str | None = None
         scores["schema_valid"] = schema_valid(parsed, validator)
     if label_field:
         ref_label = label_of(parse_json(ref), ref, label_field)
-        scores["label_accuracy"] = float(ref_label is not None and label_of(parsed, pred, label_field) == ref_label)
+        scores["label_accuracy"] = float(
+            ref_label is not None and label_of(parsed, pred, label_field) == ref_label
+        )
     return scores
 
 

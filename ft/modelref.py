@@ -18,14 +18,18 @@ def resolve_model_path(name_or_path: str) -> str:
         from ft.testing import TINY_MODEL, ensure_tiny_model
 
         if name_or_path != TINY_MODEL:
-            raise FtError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the only one is {TINY_MODEL!r}")
+            raise FtError(
+                f"model.name_or_path: unknown built-in model {name_or_path!r}; the only one is {TINY_MODEL!r}"
+            )
         return str(ensure_tiny_model())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise FtError(f"model.name_or_path: {path} is a file; give the model's directory")
         if not (path / "config.json").is_file():
-            raise FtError(f"model.name_or_path: {path} has no config.json; is it a Hugging Face model directory?")
+            raise FtError(
+                f"model.name_or_path: {path} has no config.json; is it a Hugging Face model directory?"
+            )
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FtError(f"model.name_or_path: {name_or_path}: no such directory")
@@ -33,7 +37,9 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in (
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ) not in (
         "",
         "0",
     )

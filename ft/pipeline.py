@@ -98,14 +98,19 @@ def create_run(prep: Prepared) -> Path:
     env["run"] = {
         "recipe_sha256": s.sha256,
         "data_sha256": prep.data_sha256,
-        "data": [{"name": f["name"], "sha256": f["sha256"], "rows": f.get("rows")} for f in prep.check.report["files"]],
+        "data": [
+            {"name": f["name"], "sha256": f["sha256"], "rows": f.get("rows")}
+            for f in prep.check.report["files"]
+        ],
         "seed": s.train.seed,
         "started": utc_now(),
     }
     with atomic_dir(root / name) as staging:
         write_text(staging / "recipe.resolved.yaml", s.to_yaml())
         write_json(staging / "env.json", env)
-        write_json(staging / "data.json", {**prep.check.report, "data_sha256": prep.data_sha256, "env": "env.json"})
+        write_json(
+            staging / "data.json", {**prep.check.report, "data_sha256": prep.data_sha256, "env": "env.json"}
+        )
         write_json(
             staging / RUN_FILE,
             {
@@ -168,18 +173,36 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
 
     s = prep.settings
     device, backend, reason = choose_device_and_backend(s)
-    rows_train = encode(prep.check.train, prep.tokenizer, s.train.max_seq_length, s.data.too_long, assistant_only=s.train.assistant_only_loss)
-    rows_eval = encode(prep.check.eval, prep.tokenizer, s.train.max_seq_length, "truncate", assistant_only=True)
+    rows_train = encode(
+        prep.check.train,
+        prep.tokenizer,
+        s.train.max_seq_length,
+        s.data.too_long,
+        assistant_only=s.train.assistant_only_loss,
+    )
+    rows_eval = encode(
+        prep.check.eval, prep.tokenizer, s.train.max_seq_length, "truncate", assistant_only=True
+    )
     if not rows_train:
-        raise FtError("data: no training rows left after encoding; check train.max_seq_length and data.too_long")
+        raise FtError(
+            "data: no training rows left after encoding; check train.max_seq_length and data.too_long"
+        )
     start = initial_micro_batch(s, device)
     update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
 
     def attempt(micro: int, _accum: int):
         return training.train(
-            s, run_dir, rows_train, rows_eval,
-            data_sha256=prep.data_sha256, device=device, backend=backend, backend_reason=reason,
-            micro_batch=micro, resume=resume, force=force,
+            s,
+            run_dir,
+            rows_train,
+            rows_eval,
+            data_sha256=prep.data_sha256,
+            device=device,
+            backend=backend,
+            backend_reason=reason,
+            micro_batch=micro,
+            resume=resume,
+            force=force,
         )
 
     if device == "cuda" and s.train.micro_batch == "auto":
@@ -190,13 +213,23 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
     else:
         result = attempt(start, s.train.effective_batch // start)
     env = json.loads((run_dir / "env.json").read_text())
-    env["run"].update(ended=utc_now(), backend=backend, backend_reason=reason, micro_batch=result.micro_batch,
-                      grad_accum=result.grad_accum)
+    env["run"].update(
+        ended=utc_now(),
+        backend=backend,
+        backend_reason=reason,
+        micro_batch=result.micro_batch,
+        grad_accum=result.grad_accum,
+    )
     write_json(run_dir / "env.json", env)
     write_json(
         result.adapter_dir / "ft-adapter.json",
-        {"base_model": s.model.name_or_path, "recipe_sha256": s.sha256, "env": "../env.json",
-         "env_sha256": env_ref(run_dir)["sha256"], "backend": backend},
+        {
+            "base_model": s.model.name_or_path,
+            "recipe_sha256": s.sha256,
+            "env": "../env.json",
+            "env_sha256": env_ref(run_dir)["sha256"],
+            "backend": backend,
+        },
     )
     update_run(run_dir, status="trained", train=result.to_dict(), env_sha256=env_ref(run_dir)["sha256"])
     return result
@@ -227,7 +260,9 @@ def package_stage(settings, run_dir: Path, *, include_data: bool | None = None, 
         run_dir,
         Path(settings.output.bundle_dir),
         include_data=settings.export.include_data if include_data is None else include_data,
-        sign_key=Path(sign_key or settings.export.sign_key) if (sign_key or settings.export.sign_key) else None,
+        sign_key=Path(sign_key or settings.export.sign_key)
+        if (sign_key or settings.export.sign_key)
+        else None,
         archive=settings.export.archive,
     )
 

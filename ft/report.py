@@ -35,7 +35,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(metrics: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    train = [(r["step"], r["loss"]) for r in metrics if r.get("kind") == "train" and r.get("loss") is not None]
+    train = [
+        (r["step"], r["loss"]) for r in metrics if r.get("kind") == "train" and r.get("loss") is not None
+    ]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if r.get("kind") == "eval"]
     if not train:
         return None
@@ -74,6 +76,7 @@ def _clip(text: str, n: int = 160) -> str:
 
 def worst_examples(predictions: list[dict[str, Any]], primary: str, n: int) -> list[dict[str, Any]]:
     """The held-out rows the tuned model did worst on (primary metric, then token F1)."""
+
     def key(p):
         s = p["tuned_scores"]
         return (s.get(primary, 0.0), s.get("token_f1", 0.0))
@@ -81,7 +84,9 @@ def worst_examples(predictions: list[dict[str, Any]], primary: str, n: int) -> l
     return sorted(predictions, key=key)[:n]
 
 
-def render_markdown(report: dict[str, Any], predictions: list[dict[str, Any]], settings, env_ref: dict[str, str]) -> str:
+def render_markdown(
+    report: dict[str, Any], predictions: list[dict[str, Any]], settings, env_ref: dict[str, str]
+) -> str:
     base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
     d = report["decision"]
     lines = [
@@ -95,13 +100,23 @@ def render_markdown(report: dict[str, Any], predictions: list[dict[str, Any]], s
     ]
     for metric in base:
         change = tuned[metric] - base[metric]
-        lines.append(f"| {METRIC_LABELS.get(metric, metric)} | {_fmt(base[metric])} | {_fmt(tuned[metric])} | {change:+.4f} |")
+        lines.append(
+            f"| {METRIC_LABELS.get(metric, metric)} | {_fmt(base[metric])} | {_fmt(tuned[metric])} | {change:+.4f} |"
+        )
     lines += ["", "## Decision", ""] + [f"- {r}" for r in d["reasons"]]
     worst = worst_examples(predictions, report["rule"]["primary_metric"], settings.eval.worst_examples)
     if worst:
-        lines += ["", f"## The {len(worst)} worst examples (tuned)", "", "| id | reference | base | tuned |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## The {len(worst)} worst examples (tuned)",
+            "",
+            "| id | reference | base | tuned |",
+            "|---|---|---|---|",
+        ]
         for p in worst:
-            lines.append(f"| `{p['id']}` | {_clip(p['reference'])} | {_clip(p['base'])} | {_clip(p['tuned'])} |")
+            lines.append(
+                f"| `{p['id']}` | {_clip(p['reference'])} | {_clip(p['base'])} | {_clip(p['tuned'])} |"
+            )
     lines += [
         "",
         "![loss curve](loss.png)",
@@ -130,11 +145,15 @@ def render_decision(report: dict[str, Any], settings, env_ref: dict[str, str]) -
     )
 
 
-def write_eval_outputs(run_dir: Path, report: dict[str, Any], predictions: list[dict[str, Any]], settings, env_ref) -> Path:
+def write_eval_outputs(
+    run_dir: Path, report: dict[str, Any], predictions: list[dict[str, Any]], settings, env_ref
+) -> Path:
     """eval/ (report.json, report.md, predictions.jsonl, loss.png) and decision.md, each atomically."""
     eval_dir = run_dir / "eval"
     report = {**report, "env": env_ref}
-    plot_loss(read_metrics(run_dir / "metrics.jsonl"), eval_dir / "loss.png", f"{settings.name}: training loss")
+    plot_loss(
+        read_metrics(run_dir / "metrics.jsonl"), eval_dir / "loss.png", f"{settings.name}: training loss"
+    )
     write_text(
         eval_dir / "predictions.jsonl",
         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|_KEY$|^KEY$)", re.I)
+SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|_KEY$|^KEY$)", re.I
+)
 MASK = "***"
 # Values this short are too likely to collide with ordinary text to be masked safely.
 MIN_SECRET_LEN = 6

@@ -28,19 +28,67 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 SYSTEM_PROMPT = 'Reply with one JSON object: {"name", "city", "category"}.'
 NAMES = [
-    "Alice", "Bruno", "Chen", "Dara", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Jonas", "Kemal", "Lena",
-    "Mateo", "Nadia", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wei", "Yara",
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dara",
+    "Emeka",
+    "Fatima",
+    "Goran",
+    "Hana",
+    "Ivan",
+    "Jonas",
+    "Kemal",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Viktor",
+    "Wei",
+    "Yara",
 ]
 CITIES = [
-    "Paris", "Lagos", "Osaka", "Lima", "Oslo", "Cairo", "Quito", "Porto", "Delhi", "Perth", "Riga", "Seoul",
-    "Tunis", "Basel", "Cork", "Dakar", "Graz", "Hanoi", "Kyiv", "Malmo",
+    "Paris",
+    "Lagos",
+    "Osaka",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Quito",
+    "Porto",
+    "Delhi",
+    "Perth",
+    "Riga",
+    "Seoul",
+    "Tunis",
+    "Basel",
+    "Cork",
+    "Dakar",
+    "Graz",
+    "Hanoi",
+    "Kyiv",
+    "Malmo",
 ]
 # Each category has its own phrasing, so the label is learnable from the text.
 CATEGORIES = {
-    "billing": ["I was charged twice this month", "my invoice shows the wrong amount", "please refund my payment"],
+    "billing": [
+        "I was charged twice this month",
+        "my invoice shows the wrong amount",
+        "please refund my payment",
+    ],
     "shipping": ["my parcel has not arrived", "the package came damaged", "the delivery is two weeks late"],
     "account": ["I cannot log in to my account", "please reset my password", "my profile was locked"],
-    "technical": ["the app crashes on start", "the sync fails with an error", "the export button does nothing"],
+    "technical": [
+        "the app crashes on start",
+        "the sync fails with an error",
+        "the export button does nothing",
+    ],
 }
 LABELS = list(CATEGORIES)
 TICKET_SCHEMA: dict[str, Any] = {
@@ -90,7 +138,9 @@ def _tokenizer_corpus() -> list[str]:
     return [SYSTEM_PROMPT, "system user assistant tool", *words, *sample]
 
 
-def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_model(
+    out_dir: str | os.PathLike, *, seed: int = TINY_SEED, hidden: int = 64, layers: int = 2
+) -> Path:
     """Write a random-weight Qwen2 and a freshly trained tokenizer to `out_dir` (deterministic for a seed)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -107,7 +157,11 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = TINY_SEED, hidde
     )
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.padding_side = "right"

@@ -68,7 +68,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / CHECKPOINT_MARKER).is_file()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX) and (p / CHECKPOINT_MARKER).is_file()
+    ]
     return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -90,12 +94,16 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def check_resume_compatible(marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool) -> None:
+def check_resume_compatible(
+    marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool
+) -> None:
     """Refuse to resume a checkpoint made from another recipe or other data, unless forced."""
     problems = []
     changed = _differences(marker.get("recipe", {}), recipe)
     if changed:
-        problems.append("recipe changed (" + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "") + ")")
+        problems.append(
+            "recipe changed (" + "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "") + ")"
+        )
     if marker.get("data_sha256") != data_sha256:
         problems.append(f"data changed (sha256 {str(marker.get('data_sha256'))[:12]} -> {data_sha256[:12]})")
     if problems and not force:
@@ -142,8 +150,12 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
             # In a log file (CI, `docker compose run -T`) redraw rarely instead of on every step.
             interval = 0.2 if sys.stderr.isatty() else 15.0
             self.bar = tqdm(
-                total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                dynamic_ncols=True, mininterval=interval,
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=interval,
             )
             self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
 
@@ -170,7 +182,9 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
                 )
                 self.t_last, self.tokens_last = now, state.num_input_tokens_seen
                 if self.bar is not None:
-                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+                    self.bar.set_postfix(
+                        loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False
+                    )
             elif "eval_loss" in logs:
                 row.update(kind="eval", eval_loss=logs["eval_loss"])
             else:
@@ -229,7 +243,9 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
 def _to_dataset(rows: list[dict[str, Any]]):
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+    return Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    )
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -241,7 +257,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         set_seed(seed)
 
 
-def build_sft_config(settings, run_dir: Path, device: str, micro: int, accum: int, dtype: str, has_eval: bool):
+def build_sft_config(
+    settings, run_dir: Path, device: str, micro: int, accum: int, dtype: str, has_eval: bool
+):
     from trl import SFTConfig
 
     t = settings.train
@@ -331,7 +349,7 @@ def train(
         processing_class=loaded.tokenizer,
         callbacks=_callbacks(run_dir, None),
     )
-    from transformers.trainer_callback import ProgressCallback, PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,14 @@ def test_log_callback_reports_each_retry():
         "out of memory at micro-batch 8 before the first step; retrying with 4",
         "out of memory at micro-batch 4 before the first step; retrying with 2",
     ]
+
+
+def test_oom_detection_does_not_import_torch():
+    code = (
+        "import sys; from ft.autobatch import is_oom, free_memory; "
+        "print(is_oom(RuntimeError('CUDA error: out of memory')), is_oom(ValueError('x'))); free_memory(); "
+        "print('torch' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["True", "False", "False"]

@@ -49,7 +49,15 @@ def test_list_values_from_env_and_cli(monkeypatch):
         (["train.backend=fast"], "train.backend: Input should be 'auto', 'unsloth' or 'hf'"),
         (["model.quantization=nf4"], "nf4 (4-bit loading) needs CUDA, but train.device is cpu"),
         (["train.micro_batch=3"], "must be a multiple of train.micro_batch"),
-        (["eval.primary_metric=label_accuracy", "eval.guard_metrics=[]", "data.label_field=null", "data.labels=null"], "label_accuracy needs data.label_field"),
+        (
+            [
+                "eval.primary_metric=label_accuracy",
+                "eval.guard_metrics=[]",
+                "data.label_field=null",
+                "data.labels=null",
+            ],
+            "label_accuracy needs data.label_field",
+        ),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, expected):

@@ -28,7 +28,9 @@ def test_full_disk_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(FtError, match="no space left on device while writing; the previous version is intact"):
+    with pytest.raises(
+        FtError, match="no space left on device while writing; the previous version is intact"
+    ):
         write_text(target, "new")
     monkeypatch.undo()
     assert target.read_text() == "good"

@@ -27,38 +27,66 @@ def test_json_schema_and_label_scores():
     v = jsonschema.Draft202012Validator(TICKET_SCHEMA)
     ref = '{"name": "Ann", "city": "Oslo", "category": "billing"}'
     good = score(ref, ref, validator=v, label_field="category")
-    assert good == {"exact_match": 1.0, "token_f1": 1.0, "json_valid": 1.0, "schema_valid": 1.0, "label_accuracy": 1.0}
-    wrong_label = score('{"name": "Ann", "city": "Oslo", "category": "refund"}', ref, validator=v, label_field="category")
-    assert (wrong_label["json_valid"], wrong_label["schema_valid"], wrong_label["label_accuracy"]) == (1.0, 0.0, 0.0)
+    assert good == {
+        "exact_match": 1.0,
+        "token_f1": 1.0,
+        "json_valid": 1.0,
+        "schema_valid": 1.0,
+        "label_accuracy": 1.0,
+    }
+    wrong_label = score(
+        '{"name": "Ann", "city": "Oslo", "category": "refund"}', ref, validator=v, label_field="category"
+    )
+    assert (wrong_label["json_valid"], wrong_label["schema_valid"], wrong_label["label_accuracy"]) == (
+        1.0,
+        0.0,
+        0.0,
+    )
     prose = score("Sure! Here it is", ref, validator=v, label_field="category")
     assert prose["json_valid"] == prose["schema_valid"] == prose["label_accuracy"] == 0.0
     assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
 
 
 def _rule(**kw):
-    return EvalSettings(**{"primary_metric": "exact_match", "min_improvement": 0.1,
-                           "guard_metrics": ["json_valid", "eval_loss"], "max_regression": 0.02, **kw})
+    return EvalSettings(
+        **{
+            "primary_metric": "exact_match",
+            "min_improvement": 0.1,
+            "guard_metrics": ["json_valid", "eval_loss"],
+            "max_regression": 0.02,
+            **kw,
+        }
+    )
 
 
 def test_keep_when_primary_improves_and_guards_hold():
-    d = decide({"exact_match": 0.1, "json_valid": 0.5, "eval_loss": 2.0},
-               {"exact_match": 0.9, "json_valid": 1.0, "eval_loss": 0.5}, _rule())
+    d = decide(
+        {"exact_match": 0.1, "json_valid": 0.5, "eval_loss": 2.0},
+        {"exact_match": 0.9, "json_valid": 1.0, "eval_loss": 0.5},
+        _rule(),
+    )
     assert d.verdict == "KEEP"
     assert d.deltas == {"exact_match": 0.8, "json_valid": 0.5, "eval_loss": 1.5}
     assert d.reasons[0].startswith("primary exact_match")
 
 
 def test_discard_when_primary_improvement_too_small():
-    d = decide({"exact_match": 0.5, "json_valid": 1.0, "eval_loss": 1.0},
-               {"exact_match": 0.55, "json_valid": 1.0, "eval_loss": 1.0}, _rule())
+    d = decide(
+        {"exact_match": 0.5, "json_valid": 1.0, "eval_loss": 1.0},
+        {"exact_match": 0.55, "json_valid": 1.0, "eval_loss": 1.0},
+        _rule(),
+    )
     assert d.verdict == "DISCARD"
     assert "FAILS" in d.reasons[0]
 
 
 def test_discard_when_a_guard_falls_too_far_in_its_own_direction():
     # eval_loss rising (getting worse) by more than the allowed regression fails the guard.
-    d = decide({"exact_match": 0.1, "json_valid": 1.0, "eval_loss": 1.0},
-               {"exact_match": 0.9, "json_valid": 1.0, "eval_loss": 1.5}, _rule())
+    d = decide(
+        {"exact_match": 0.1, "json_valid": 1.0, "eval_loss": 1.0},
+        {"exact_match": 0.9, "json_valid": 1.0, "eval_loss": 1.5},
+        _rule(),
+    )
     assert d.verdict == "DISCARD"
     assert any(r.startswith("guard eval_loss") and "FAILS" in r for r in d.reasons)
 

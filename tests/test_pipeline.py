@@ -27,9 +27,21 @@ def loop(tmp_path_factory, ft_cache):
 
 def test_run_directory_is_self_describing(loop):
     run = loop / "runs" / "smoke"
-    for name in ("recipe.resolved.yaml", "env.json", "data.json", "metrics.jsonl", "run.json", "decision.md",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/ft-adapter.json",
-                 "eval/report.json", "eval/report.md", "eval/predictions.jsonl", "eval/loss.png"):
+    for name in (
+        "recipe.resolved.yaml",
+        "env.json",
+        "data.json",
+        "metrics.jsonl",
+        "run.json",
+        "decision.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/ft-adapter.json",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/predictions.jsonl",
+        "eval/loss.png",
+    ):
         assert (run / name).is_file(), name
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "complete" and meta["backend"] == "hf" and meta["device"] == "cpu"
@@ -44,7 +56,16 @@ def test_environment_manifest_is_complete_and_referenced_everywhere(loop):
     env = json.loads((run / "env.json").read_text())
     for key in ("python", "os", "cpu", "gpu", "packages", "distributions", "lockfile", "git_commit", "run"):
         assert key in env, key
-    assert {"torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "unsloth"} <= set(env["packages"])
+    assert {
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "unsloth",
+    } <= set(env["packages"])
     assert {"recipe_sha256", "data_sha256", "data", "seed", "started", "ended"} <= set(env["run"])
     from ft.fsutil import sha256_file
 

@@ -21,7 +21,18 @@ from typing import Any
 from ft.errors import FtError
 
 # Architectures Unsloth's FastLanguageModel patches (model_type in config.json).
-UNSLOTH_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "cohere"}
+UNSLOTH_ARCHITECTURES = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "granite",
+    "cohere",
+}
 
 
 @dataclass
@@ -43,9 +54,13 @@ def choose(settings, device: str, model_type: str | None) -> tuple[str, str]:
         return "hf", "requested (train.backend: hf)"
     if wanted == "unsloth":
         if device != "cuda":
-            raise FtError("train.backend: unsloth needs a CUDA GPU; use train.backend: hf (or auto) on this machine")
+            raise FtError(
+                "train.backend: unsloth needs a CUDA GPU; use train.backend: hf (or auto) on this machine"
+            )
         if not unsloth_installed:
-            raise FtError("train.backend: unsloth is not installed; use the CUDA image or `pip install ft[gpu]`")
+            raise FtError(
+                "train.backend: unsloth is not installed; use the CUDA image or `pip install ft[gpu]`"
+            )
         return "unsloth", "requested (train.backend: unsloth)"
     if device != "cuda":
         return "hf", "auto: no CUDA GPU, Unsloth needs one"

@@ -28,7 +28,9 @@ def resolve_quantization(settings, device: str) -> str:
     if q == "auto":
         return "nf4" if device == "cuda" else "none"
     if q == "nf4" and device != "cuda":
-        raise FtError("model.quantization: nf4 needs a CUDA GPU; set model.quantization: none to train on CPU")
+        raise FtError(
+            "model.quantization: nf4 needs a CUDA GPU; set model.quantization: none to train on CPU"
+        )
     return q
 
 
@@ -38,7 +40,11 @@ def _load_base(settings, device: str):
 
     dtype = resolve_dtype(settings, device)
     quant = resolve_quantization(settings, device)
-    kwargs: dict = {"dtype": dtype, "revision": settings.model.revision, "trust_remote_code": settings.model.trust_remote_code}
+    kwargs: dict = {
+        "dtype": dtype,
+        "revision": settings.model.revision,
+        "trust_remote_code": settings.model.trust_remote_code,
+    }
     if quant == "nf4":
         try:
             from transformers import BitsAndBytesConfig
@@ -66,12 +72,16 @@ def load_for_training(settings, device: str) -> Loaded:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model, dtype, quant, _ = _load_base(settings, device)
-    tokenizer = load_tokenizer(settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
+    )
     if quant == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.train.gradient_checkpointing
         )
-    missing = sorted(set(settings.lora.target_modules) - {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()})
+    missing = sorted(
+        set(settings.lora.target_modules) - {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    )
     if missing:
         raise FtError(f"lora.target_modules: {', '.join(missing)} not found in {settings.model.name_or_path}")
     lora = LoraConfig(
@@ -85,7 +95,12 @@ def load_for_training(settings, device: str) -> Loaded:
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     return Loaded(
-        model, tokenizer, "hf", device, dtype, quant,
+        model,
+        tokenizer,
+        "hf",
+        device,
+        dtype,
+        quant,
         info={"trainable_params": trainable, "total_params": total},
     )
 
@@ -94,7 +109,9 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
     from peft import PeftModel
 
     model, dtype, quant, _ = _load_base(settings, device)
-    tokenizer = load_tokenizer(settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
+    )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
     return Loaded(model, tokenizer, "hf", device, dtype, quant)
