@@ -233,7 +233,7 @@ def image_smoke(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def export(session: nox.Session) -> None:
-    """Copy a sealed bundle out of ./bundles (or `-- --volume NAME`) to ./export and verify it there."""
+    """Copy a sealed bundle out of ./bundles (`-- --from DIR`, `-- --volume NAME`) to build/export; verify it."""
     _image_helper(session, "export", *session.posargs, with_ft=True)
 
 
@@ -243,3 +243,43 @@ def rerun(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s rerun -- BUNDLE (a bundle directory or .tar.gz)")
     _image_helper(session, "rerun", *session.posargs)
+
+
+# -- the GPU fast path (issue 4): never default sessions; they need a CUDA GPU ---------------------------------
+GPU_PYTEST = "pytest==9.2.0"  # the CPU lock's pytest
+
+
+def _gpu_env(session: nox.Session) -> None:
+    """The CUDA lock (lockfiles/$FT_FLAVOUR.txt, default cu130; hash-checked) plus ft, in the session's venv.
+
+    With `--no-venv` nothing is installed: the session runs on the interpreter that runs nox, which must
+    already have the GPU stack (the CUDA image, or a machine prepared as docs/benchmarks.md describes).
+    """
+    if session.venv_backend == "none":
+        session.log("--no-venv: using this interpreter's packages as they are")
+        return
+    lock = ROOT / "lockfiles" / f"{os.environ.get('FT_FLAVOUR', 'cu130')}.txt"
+    if not lock.is_file():
+        session.error(f"{lock.relative_to(ROOT)} is missing (FT_FLAVOUR is cu130 or cu128)")
+    session.install("--require-hashes", "--no-deps", "-r", str(lock))
+    session.install("--no-deps", "-e", ".")
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """GPU benchmark: `ft train` on Unsloth vs transformers+peft+bitsandbytes on random-weight Qwen2.5
+    0.5B/1.5B/7B shapes, with `ft size`'s prediction beside each measured peak -> benchmarks/results/
+    (bench.json, bench.md). Arguments go to benchmarks/bench_gpu.py (`-- --only 7b`, `-- --list`)."""
+    _gpu_env(session)
+    _print_versions(session)
+    session.run("python", "benchmarks/bench_gpu.py", *session.posargs, env=OFFLINE)
+
+
+@nox.session(python=PYTHON, default=False)
+def gpu(session: nox.Session) -> None:
+    """The tests marked `gpu` (tests/gpu: Unsloth trains and saves a PEFT adapter, `ft size --probe`)."""
+    _gpu_env(session)
+    if session.venv_backend != "none":
+        session.install(GPU_PYTEST)
+    _print_versions(session)
+    session.run("pytest", "-m", "gpu", "tests/gpu", *session.posargs, env=OFFLINE)

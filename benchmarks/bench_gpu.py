@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing ft
 
 from ft import sizing  # noqa: E402  (cheap: no torch, no transformers)
+from ft.errors import FtError  # noqa: E402
 from ft.gpus import GIB, match_name, parse_gpu  # noqa: E402
 
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
@@ -56,17 +58,23 @@ SPEEDUP_MIN, MEMORY_RATIO_MAX, OVERHEAD_MAX, SIZE_ERROR_MAX = 1.9, 0.65, 0.03, 0
 
 # -- plan ------------------------------------------------------------------------------------------
 def _points(text: str) -> list[tuple[int, int]]:
+    """`1x4096,4x2048` -> [(1, 4096), (4, 2048)] (micro-batch x sequence length); ValueError if malformed."""
     out = []
     for part in text.split(","):
-        micro, seq = part.lower().split("x")
+        micro, seq = part.strip().lower().split("x")
+        if int(micro) < 1 or int(seq) < 1:
+            raise ValueError(f"{part!r}: micro-batch and length must be positive")
         out.append((int(micro), int(seq)))
     return out
 
 
 def _throughput(text: str) -> list[tuple[str, int, int]]:
+    """`qwen2.5-7b:2x2048` -> [("qwen2.5-7b", 2, 2048)]; ValueError for an unknown shape or a bad point."""
     out = []
     for part in text.split(","):
-        model, point = part.split(":")
+        model, point = part.strip().split(":")
+        if model not in sizing.PRESETS:
+            raise ValueError(f"unknown shape {model!r}")
         micro, seq = _points(point)[0]
         out.append((model, micro, seq))
     return out
@@ -118,7 +126,6 @@ def build_model(preset: str, model_dir: Path) -> None:
     if (model_dir / ".complete").is_file():
         return
     import shutil
-    import tempfile
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -290,6 +297,7 @@ def run_bare(spec: dict, model_dir: Path, out_dir: Path, record: dict) -> None:
         max_steps=spec["warmup"] + spec["steps"],
         learning_rate=LR,
         optim="adamw_torch",
+        gradient_checkpointing=True,  # Unsloth's own default: its trainer turns its offloaded checkpointing on
         bf16=bf16,
         fp16=not bf16,
         logging_steps=1,
@@ -319,8 +327,6 @@ def worker(spec: dict, model_dir: Path, result_path: Path) -> None:
             import_unsloth()
         else:
             import unsloth  # noqa: F401
-    import tempfile
-
     import torch
 
     record: dict = {"spec": spec, "started": _now()}
@@ -409,6 +415,13 @@ def run_all(args) -> list[dict]:
     return results
 
 
+def collect(args) -> list[dict]:
+    """The results already in OUT/runs for the planned runs (a run not there yet is left out)."""
+    runs = Path(args.out) / "runs"
+    found = [runs / f"{spec['id']}.json" for spec in plan(args)]
+    return [json.loads(path.read_text()) for path in found if path.is_file()]
+
+
 def _gib(x) -> str:
     return "—" if x is None else f"{x / GIB:.2f}"
 
@@ -433,6 +446,7 @@ def sizing_rows(results: list[dict] | None, specs: list[dict], gpu_bytes: int | 
                 "predicted_total_gib": round(est.total_bytes / GIB, 3),
                 "measured_peak_gib": round(measured / GIB, 3) if measured else None,
                 "error": round((est.peak_allocated_bytes - measured) / measured, 4) if measured else None,
+                "ran": bool(r),
                 "oom": r.get("oom"),
                 "run_error": r.get("error"),
                 "loss_path": r.get("loss_path"),
@@ -445,7 +459,7 @@ def sizing_table(rows: list[dict], measured: bool) -> str:
     head = "| model | micro × seq | backend | predicted peak GiB | measured peak GiB | error |\n|---|---|---|---:|---:|---:|"
     lines = [head]
     for r in rows:
-        if not measured:
+        if not measured or not r.get("ran", True):
             meas = "not measured"
         elif r["oom"]:
             meas = "OOM"
@@ -469,7 +483,7 @@ def throughput_report(results: list[dict]) -> tuple[list[dict], str]:
     for (model, micro, seq), runs in groups.items():
         shape = sizing.PRESETS[model]
         text.append(f"### {model} shape, micro-batch {micro} × {seq} tokens\n")
-        text.append("| path | tokens/s | peak allocated GiB | `ft size` predicted GiB | error | FLOP util. |")
+        text.append("| path | tokens/s | peak allocated GiB | `ft size` predicted GiB | error | MFU |")
         text.append("|---|---:|---:|---:|---:|---:|")
         for key, label in (
             ("ft-unsloth", "`ft train`, Unsloth"),
@@ -486,10 +500,8 @@ def throughput_report(results: list[dict]) -> tuple[list[dict], str]:
             )
             gpu = match_name(r.get("device", ""), r.get("device_memory_bytes") or 0)
             util = None
-            if tps and gpu and gpu.bf16_tflops:
-                lora = est.params["lora"]
-                fpt = sizing.flops_per_token(shape, seq, gradient_checkpointing=True, lora_params=lora)
-                util = fpt * tps / (gpu.bf16_tflops * 1e12)
+            if tps and gpu and gpu.bf16_tflops:  # model FLOPs (no recomputation) over the dense bf16 peak
+                util = sizing.mfu(shape, seq, tps, gpu.bf16_tflops, lora_params=est.params["lora"])
             err = (est.peak_allocated_bytes - peak) / peak if peak else None
             rows.append(
                 {
@@ -538,13 +550,15 @@ def throughput_report(results: list[dict]) -> tuple[list[dict], str]:
 
 def write_reports(args, results: list[dict]) -> None:
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     specs = plan(args)
     first = next((r for r in results if r.get("device")), {})
     srows = sizing_rows(results, specs, first.get("device_memory_bytes"))
     trows, ttext = throughput_report(results)
     errors = [abs(r["error"]) for r in srows if r["error"] is not None]
+    measured = any(r.get("peak_allocated_bytes") for r in results)
     header = [
-        "# ft GPU benchmark (measured)",
+        "# ft GPU benchmark (measured)" if measured else "# ft GPU benchmark: nothing measured yet",
         "",
         f"- device: {first.get('device', 'unknown')} ({_gib(first.get('device_memory_bytes'))} GiB), CUDA {first.get('cuda')}",
         f"- date: {first.get('started', 'unknown')} (UTC)",
@@ -552,6 +566,9 @@ def write_reports(args, results: list[dict]) -> None:
         f"- command: `python benchmarks/bench_gpu.py {' '.join(sys.argv[1:])}`",
         f"- LoRA r={LORA_R}, alpha={LORA_ALPHA}, all seven projections; NF4 base; bf16; gradient checkpointing; "
         "AdamW; random-weight models with the published shapes; synthetic token ids (every token trained)",
+        "- MFU: model FLOPs per token (forward + backward input gradients of the frozen base, 6 per LoRA "
+        "weight, causal attention; recomputation not counted) x tokens/s / the GPU's dense bf16 peak",
+        "- peak: torch.cuda.max_memory_allocated() over the measured steps, after reset_peak_memory_stats()",
         "",
         "## Throughput",
         "",
@@ -577,7 +594,7 @@ def dry_run(args) -> None:
     out = Path(args.out)
     for preset in args.models.split(","):
         write_config(preset, out / "models" / preset)
-    gpu = parse_gpu(args.gpu)
+    gpu = parse_gpu(args.gpu)  # main() has checked it
     specs = plan(args)
     rows = sizing_rows(None, specs, gpu.memory_bytes)
     md = "\n".join(
@@ -604,7 +621,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where JSON and Markdown go")
     p.add_argument(
-        "--models-dir", default="/tmp/ft-bench-models", help="random-weight models (large; not in --out)"
+        "--models-dir",
+        default=str(Path(tempfile.gettempdir()) / "ft-bench-models"),
+        help="random-weight models (large; not in --out)",
     )
     p.add_argument("--models", default=",".join(MODELS), help="shapes for the sizing sweep")
     p.add_argument("--sweep-points", default=SWEEP_POINTS, help="micro-batch x sequence length points")
@@ -620,6 +639,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", default="h100", help="GPU for --dry-run predictions")
     p.add_argument("--dry-run", action="store_true", help="CPU only: configs + predicted sizing table")
     p.add_argument("--list", action="store_true", help="print the planned run ids and exit")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="CPU: rebuild bench.json/bench.md from the results already in OUT/runs (runs from several machines)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--build-model", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -628,6 +652,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         if name not in sizing.PRESETS:
             p.error(f"--models: unknown shape {name!r}; known: {', '.join(sizing.PRESETS)}")
+    try:
+        parse_gpu(args.gpu)
+        plan(args)
+    except FtError as exc:
+        p.error(str(exc))
+    except ValueError as exc:
+        p.error(f"--sweep-points / --throughput: {exc} (expected e.g. 4x2048 and qwen2.5-7b:2x2048)")
     if args.worker:
         worker(json.loads(args.worker), Path(args.model_dir), Path(args.result))
     elif args.build_model:
@@ -636,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(s["id"] for s in plan(args)))
     elif args.dry_run:
         dry_run(args)
+    elif args.report_only:
+        write_reports(args, collect(args))
     else:
         write_reports(args, run_all(args))
 

@@ -2,8 +2,8 @@
 
     python env/image.py build [--flavour cu130] [--base REF] [--tag ft:cu130]
     python env/image.py smoke [--warm-rebuild]       # CI: engine, debootstrapped base, CPU image, compose run
-    python env/image.py export [BUNDLE] [--from DIR | --volume NAME] [--to DIR]
-    python env/image.py rerun BUNDLE [--gpus auto|all|none]
+    python env/image.py export [BUNDLE] [--from DIR | --volume NAME] [--to DIR]   # default build/export
+    python env/image.py rerun BUNDLE [--gpus auto|all|none] [--work DIR]       # default build/rerun
 
 Run from the repository root in a nox session that has the `docker` SDK and ft installed. The SDK talks
 to the engine (ping, images, labels, containers, `docker save`); the build itself goes through the
@@ -541,60 +541,121 @@ def _image_contains(image_id: str, token: bytes) -> list[str]:
 
 
 def cmd_smoke(a) -> int:
-    """CI: build the CPU image on a debootstrapped base and run the tiny loop in it with compose."""
-    ensure_tools()
+    """CI: build the CPU image on a debootstrapped base and run the tiny loop in it with compose.
+
+    build/image-smoke.json records every phase's seconds, the image's size and the tools' versions,
+    and is written on failure too (with "passed": false and the failure), so a red CI run says where.
+    """
+    # What this machine lacks: an engine (unless one runs), a compose (v1 or v2). debootstrap is asked
+    # for only when no base is cached (ensure_debootstrap_base).
+    need = [] if engine_up() else ["dockerd"]
+    try:
+        compose_cmd()
+    except Failure:
+        need.append("docker-compose")
+    ensure_tools(tuple(need))
     flavour, tag = "cpu", "ft:cpu"
     token = "hf_FAKE" + secrets.token_hex(16)  # planted; must show up nowhere
-    summary: dict = {"image": tag}
-    with Engine():
-        base = ensure_debootstrap_base(refresh=a.refresh_base)
-        with tempfile.TemporaryDirectory(prefix="ft-context-") as tmp:
-            ctx = make_context(Path(tmp), flavour)
-            build_env = {"HF_TOKEN": token}  # a token in the builder's environment must not reach a layer
-            with timed("image build"):
-                image_id = build(
-                    ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env
-                )
-            if a.warm_rebuild:
-                with timed("image build (warm)"):
-                    build(
+    summary: dict = {"image": tag, "passed": False}
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            with timed("engine start"):
+                stack.enter_context(Engine())
+            summary["versions"] = _tool_versions()
+            base = ensure_debootstrap_base(refresh=a.refresh_base)
+            made = (
+                "debootstrap"
+                if "debootstrap" in TIMINGS
+                else "cached tarball"
+                if "base import" in TIMINGS
+                else "engine"
+            )
+            summary["base"] = {"tag": BASE_TAG, "id": base, "from": made}
+            with tempfile.TemporaryDirectory(prefix="ft-context-") as tmp:
+                ctx = make_context(Path(tmp), flavour)
+                build_env = {"HF_TOKEN": token}  # a token in the builder's environment must not reach a layer
+                with timed("image build"):
+                    image_id = build(
                         ctx, flavour=flavour, tag=tag, base=BASE_TAG, commit=git_commit(), extra_env=build_env
                     )
-                image_id = client().images.get(tag).id
-        summary["id"] = image_id
-        record(image_id, tag, flavour, base, BUILD / "image-cpu.json")
-        _check_image(image_id)
+                if a.warm_rebuild:
+                    with timed("image build (warm)"):
+                        image_id = build(
+                            ctx,
+                            flavour=flavour,
+                            tag=tag,
+                            base=BASE_TAG,
+                            commit=git_commit(),
+                            extra_env=build_env,
+                        )
+            summary["id"] = image_id
+            summary["size_bytes"] = client().images.get(image_id).attrs.get("Size")
+            summary["size_mb"] = round((summary["size_bytes"] or 0) / 1e6)
+            record(image_id, tag, flavour, base, BUILD / "image-cpu.json")
+            with timed("image checks"):
+                _check_image(image_id)
+                # The test suite's `docker`-marked tests, against this image while the engine is up.
+                test_env = {**os.environ, "FT_TEST_IMAGE": image_id, "HF_HUB_OFFLINE": "1"}
+                pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "docker"]
+                run([*pytest, "tests/test_container.py"], env=test_env, cwd=ROOT)
 
-        work = BUILD / "image-smoke"
-        if work.exists():
-            shutil.rmtree(work)
-        uid, gid = _invoking_ids()
-        for d in ("data", "runs", "bundles"):
-            (work / d).mkdir(parents=True)
-            os.chown(work / d, uid, gid)
-        env = {
-            **os.environ,
-            "UID": str(uid),
-            "GID": str(gid),
-            "FT_FLAVOUR": flavour,
-            "FT_IMAGE_ID": image_id,
-            "HF_TOKEN": token,
-        }
-        env.pop("FT_RECIPE", None)
-        project = ["-f", str(ROOT / "compose.yaml"), "--project-directory", str(work), "-p", "ftsmoke"]
-        with timed("container smoke"):
-            run([*compose_cmd(), *project, "run", "--rm", "-T", "smoke"], env=env)
-        with contextlib.suppress(Exception):  # the named cache volume of this throwaway project
-            run([*compose_cmd(), *project, "down", "--volumes"], env=env, capture=True)
-        summary.update(_check_outputs(work, uid, image_id, token.encode()))
-        leaks = _image_contains(image_id, token.encode())
-        if leaks:
-            raise Failure(f"the planted token is in the image: {', '.join(leaks)}")
-        summary["token_in_image"] = False
-    summary["timings_s"] = TIMINGS
-    (BUILD / "image-smoke.json").write_text(json.dumps(summary, indent=2) + "\n")
+            work = BUILD / "image-smoke"
+            if work.exists():
+                shutil.rmtree(work)
+            uid, gid = _invoking_ids()
+            for d in ("data", "runs", "bundles"):
+                (work / d).mkdir(parents=True)
+                os.chown(work / d, uid, gid)
+            env = {
+                **os.environ,
+                "UID": str(uid),
+                "GID": str(gid),
+                "FT_FLAVOUR": flavour,
+                "FT_IMAGE_ID": image_id,
+                "HF_TOKEN": token,
+            }
+            env.pop("FT_RECIPE", None)
+            project = ["-f", str(ROOT / "compose.yaml"), "--project-directory", str(work), "-p", "ftsmoke"]
+            try:
+                with timed("container smoke"):
+                    run([*compose_cmd(), *project, "run", "--rm", "-T", "smoke"], env=env)
+            finally:
+                with contextlib.suppress(Exception):  # the named cache volume of this throwaway project
+                    run([*compose_cmd(), *project, "down", "--volumes"], env=env, capture=True)
+            with timed("host checks"):
+                summary.update(_check_outputs(work, uid, image_id, token.encode()))
+                leaks = _image_contains(image_id, token.encode())
+                if leaks:
+                    raise Failure(f"the planted token is in the image: {', '.join(leaks)}")
+                summary["token_in_image"] = False
+        summary["passed"] = True
+    except Failure as exc:
+        summary["failure"] = str(exc)
+        raise
+    finally:
+        TIMINGS["total"] = round(time.monotonic() - started, 1)
+        summary["timings_s"] = TIMINGS
+        summary["cpus"] = os.cpu_count()
+        summary["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        BUILD.mkdir(exist_ok=True)
+        (BUILD / "image-smoke.json").write_text(json.dumps(summary, indent=2) + "\n")
     log("image smoke passed: " + json.dumps(TIMINGS))
     return 0
+
+
+def _tool_versions() -> dict:
+    """The engine's, compose's and debootstrap's versions, for the record."""
+    versions = {}
+    with contextlib.suppress(Exception):
+        v = client().version()
+        versions["docker engine"] = f"{v.get('Version')} (API {v.get('ApiVersion')})"
+    with contextlib.suppress(Exception):
+        versions["compose"] = run([*compose_cmd(), "version", "--short"], capture=True).stdout.strip()
+    with contextlib.suppress(Exception):
+        out = run(["dpkg-query", "-W", "-f", "${Version}", "debootstrap"], capture=True).stdout
+        versions["debootstrap"] = out.strip()
+    return versions
 
 
 def _check_image(image_id: str) -> None:
@@ -829,12 +890,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("bundle", nargs="?", help="bundle name (default: the newest archive)")
     e.add_argument("--from", dest="source", default="bundles", help="bundle folder (default ./bundles)")
     e.add_argument("--volume", help="read from this Docker volume instead of a folder")
-    e.add_argument("--to", default="export", help="destination (default ./export)")
+    e.add_argument("--to", default="build/export", help="destination (default build/export, git-ignored)")
     e.set_defaults(func=cmd_export)
     r = sub.add_parser("rerun", help="re-run a bundle's recipe in the image it names")
     r.add_argument("bundle")
     r.add_argument("--gpus", choices=("auto", "all", "none"), default="auto")
-    r.add_argument("--work", default="reproduce", help="where the re-run writes (default ./reproduce)")
+    r.add_argument(
+        "--work", default="build/rerun", help="where the re-run writes (default build/rerun, git-ignored)"
+    )
     r.set_defaults(func=cmd_rerun)
     a = p.parse_args(argv)
     try:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from ft.errors import FtError
-from ft.fsutil import fsync_dir
+from ft.fsutil import disk_error, fsync_dir
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -68,6 +68,10 @@ def write_tar_gz(src: Path, out: Path, *, root: str, mtime: int = 0) -> Path:
             os.fsync(raw.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk: one line, exit 2, and no half-written archive left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise disk_error(out, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -75,6 +75,38 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+class OutOfMemory(FtError):
+    """An out-of-memory ft does not (or can no longer) retry; `attempts` is what was tried, for the manifest."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, attempts: list[dict[str, Any]] | None = None
+    ):
+        super().__init__(message, hint=hint)
+        self.attempts = list(attempts or [])
+
+
+def mid_run_message(micro: int, accum: int, step: int | None, checkpoint: str | None) -> str:
+    """What to say when memory runs out after training started: where, what is kept, what to change."""
+    where = f"at step {step}" if step is not None else "after training had started"
+    smaller = [d for d in divisors_desc(micro * accum) if d < micro]
+    kept = (
+        f"the last complete checkpoint ({checkpoint}) is kept"
+        if checkpoint
+        else "no checkpoint had been written yet (train.save_every)"
+    )
+    change = (
+        f"start a new run with train.micro_batch {smaller[0]} (the effective batch {micro * accum} is kept "
+        "through gradient accumulation) or a shorter train.max_seq_length"
+        if smaller
+        else "start a new run with a shorter train.max_seq_length"
+    )
+    return (
+        f"out of memory {where} (micro-batch {micro} x accumulation {accum}); not retried in the middle of a "
+        f"run: {kept}. To go on, {change}; `ft train --resume auto` continues from the checkpoint with the "
+        "same settings"
+    )
+
+
 def step_down(
     attempt: Callable[[int, int], T],
     start: int,
@@ -82,13 +114,17 @@ def step_down(
     *,
     started: Callable[[], Any],
     current_step: Callable[[], int | None] | None = None,
+    checkpoint: Callable[[], str | None] | None = None,
     log: Callable[[str], None] | None = None,
+    retry: bool | str = True,
 ) -> tuple[T, int, list[dict[str, Any]]]:
     """Run attempt(micro, accum) from the largest divisor of `effective` <= start, stepping down on OOM.
 
-    started() tells whether training has begun (an optimizer step completed); an OOM after that is
-    raised as an FtError naming the step (current_step(), if given) instead of being retried. Returns
-    (the attempt's result, the micro-batch it ran with, one record per attempt for the run manifest).
+    started() tells whether training has begun (an optimizer step completed in this attempt); an OOM
+    after that is not retried: OutOfMemory names the step (current_step()) and the checkpoint that is
+    kept (checkpoint()) and says what to change. `retry` False (a fixed train.micro_batch) or a string
+    (why the micro-batch cannot change, e.g. a resumed checkpoint pins it) turns the step-down off.
+    Returns (the attempt's result, the micro-batch it ran with, one record per attempt for the manifest).
     """
     micro = largest_divisor_at_most(start, effective)
     attempts: list[dict[str, Any]] = []
@@ -100,21 +136,34 @@ def step_down(
             if not is_oom(exc):
                 raise
             record = {"micro_batch": micro, "grad_accum": accum, "outcome": "oom", "error": _first_line(exc)}
-            attempts.append(record)
             if started():
                 step = current_step() if current_step else None
-                where = f"at step {step}" if step is not None else "after training had started"
-                raise FtError(
-                    f"out of memory {where} (micro-batch {micro} x accumulation {accum}); not retried mid-run. "
-                    "The last complete checkpoint is kept: `ft train --resume auto` continues from it",
+                record.update(outcome="oom mid-run", step=step)
+                attempts.append(record)
+                raise OutOfMemory(
+                    mid_run_message(micro, accum, step, checkpoint() if checkpoint else None),
                     hint=OOM_ADVICE,
+                    attempts=attempts,
                 ) from exc
+            attempts.append(record)
             smaller = [d for d in divisors_desc(effective) if d < micro]
+            if retry is not True:
+                why = retry if isinstance(retry, str) else f"train.micro_batch is fixed at {micro}"
+                raise OutOfMemory(
+                    f"out of memory at start-up with micro-batch {micro} (x accumulation {accum}); not stepped "
+                    f"down: {why}",
+                    hint="set train.micro_batch: auto to let ft step down keeping the effective batch, or pick "
+                    f"a smaller divisor of train.effective_batch {effective}"
+                    + (f" ({', '.join(map(str, smaller))})" if smaller else "")
+                    + "; `ft size` shows the predicted peak",
+                    attempts=attempts,
+                ) from exc
             if not smaller:
-                raise FtError(
+                raise OutOfMemory(
                     f"out of memory at start-up even with micro-batch 1 (x accumulation {accum})",
                     hint="run `ft size` to see the predicted peak; lower train.max_seq_length, keep "
                     "model.quantization nf4 and train.gradient_checkpointing on, or use a larger GPU",
+                    attempts=attempts,
                 ) from exc
             # Leave the except block first so the traceback (and the tensors its frames hold) can be freed.
         else:

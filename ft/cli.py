@@ -127,13 +127,36 @@ def cmd_size(args) -> int:
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
-    if args.seq:
+    if args.seq is not None:
+        if args.seq < 1:
+            raise FtError(f"--seq {args.seq}: must be at least 1")
         overrides.append(f"train.max_seq_length={args.seq}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise FtError(f"--micro-batch {args.micro_batch}: must be at least 1")
     args.overrides = overrides
     settings = _settings(args)
-    report = sizing.size_report(settings, gpu=args.gpu, micro_batch=args.micro_batch)
+    backend = None
     if args.probe:
-        report.probe = sizing.probe(settings)
+        from ft import backends
+        from ft.manifest import cuda_available
+
+        if not cuda_available():
+            raise FtError("ft size --probe needs a CUDA GPU; without one, ft size only predicts")
+        # First, before anything loads transformers: Unsloth, if that is the backend, must come first.
+        _, name, reason = backends.prepare(settings, device="cuda")
+        backend = (name, reason)
+    report = sizing.size_report(settings, gpu=args.gpu, micro_batch=args.micro_batch, backend=backend)
+    if args.probe:
+        # Measured at the micro-batch the prediction is for, then the report again with the measured
+        # tokens/s in the time estimate.
+        measured = sizing.probe(settings, micro_batch=report.estimate.inputs["micro_batch"])
+        report = sizing.size_report(
+            settings,
+            gpu=args.gpu,
+            micro_batch=report.estimate.inputs["micro_batch"],
+            backend=backend,
+            probe_result=measured,
+        )
     _out(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0
 
@@ -153,9 +176,11 @@ def _prepare_run(args, settings):
 
 
 def cmd_train(args) -> int:
-    from ft import pipeline
+    from ft import backends, pipeline, preflight
 
     settings = _settings(args)
+    preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded
+    backends.prepare(settings)  # first: Unsloth must be imported before the data check loads transformers
     prep, run_dir = _prepare_run(args, settings)
     result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
     _out(
@@ -165,12 +190,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ft import pipeline
+    from ft import backends, pipeline
 
     run_dir = Path(args.run_dir)
     settings = pipeline.settings_of_run(run_dir)
-    prep = pipeline.check_data(settings)
     meta = pipeline.read_run(run_dir)
+    # Evaluate on the backend the run trained with; Unsloth, if so, before transformers is imported.
+    backends.prepare(settings, device=meta.get("device"), backend=meta.get("backend"))
+    prep = pipeline.check_data(settings)
     if meta.get("data_sha256") != prep.data_sha256:
         raise FtError(
             f"{run_dir}: the data changed since this run was trained (sha256 differs); evaluate a new run"
@@ -225,9 +252,11 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ft import pipeline
+    from ft import backends, pipeline, preflight
 
     settings = _settings(args)
+    preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded
+    backends.prepare(settings)  # first: Unsloth must be imported before the data check loads transformers
     prep, run_dir = _prepare_run(args, settings)
     meta = pipeline.read_run(run_dir)
     if meta.get("status") not in ("trained", "complete"):
@@ -413,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except BrokenPipeError:
+        # `ft ... | head`: the reader left; exit quietly like other Unix tools (stdout is gone).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(
             "interrupted; a complete checkpoint, if any, can be resumed with --resume auto", file=sys.stderr

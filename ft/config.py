@@ -78,6 +78,14 @@ class TrainSettings(Section):
     effective_batch: int = Field(
         16, gt=0, description="Examples per optimizer step (micro_batch x accumulation)."
     )
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro_batch_positive(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return v
+
     epochs: float = Field(2.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."

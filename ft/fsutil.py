@@ -45,10 +45,40 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def _disk_error(path: Path, exc: OSError) -> FtError:
-    if exc.errno == errno.ENOSPC:
+# Below this much free space, a failed write is taken to be a full disk (see `is_disk_full`).
+LOW_SPACE = 4 << 20
+
+
+def is_disk_full(exc: BaseException, where: str | os.PathLike) -> bool:
+    """Whether `exc`, raised by any writer, means the disk filled up.
+
+    Native writers do not all raise OSError(ENOSPC): safetensors raises a SafetensorError whose text
+    names os error 28, and torch.save an opaque RuntimeError from its zip writer. So also read the
+    text, and as a last resort ask the filesystem at `where` (check before freeing the partial output).
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause/context chain, without trusting it to be acyclic
+        if seen is None:
+            break
+        text = str(seen)
+        if (
+            getattr(seen, "errno", None) == errno.ENOSPC
+            or "No space left on device" in text
+            or "os error 28" in text
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def disk_error(path: Path, exc: BaseException, *, full: bool | None = None) -> FtError:
+    """The one-line error for a write to `path` that failed with `exc` (`full`: already known to be ENOSPC)."""
+    if full or (full is None and getattr(exc, "errno", None) == errno.ENOSPC):
         return FtError(f"{path}: no space left on device while writing; the previous version is intact")
-    return FtError(f"{path}: could not write: {exc.strerror or exc}")
+    return FtError(f"{path}: could not write: {getattr(exc, 'strerror', None) or exc}")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -65,7 +95,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise _disk_error(path, exc) from exc
+        raise disk_error(path, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -120,9 +150,16 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         else:
             os.replace(staging, final)
         fsync_dir(final.parent)
-    except OSError as exc:
+    except Exception as exc:
+        # Reported against `final` (the path the user knows, not the staging one), also when a write
+        # inside the block already said so. A native writer (safetensors, torch.save) on a full disk
+        # does not raise OSError; look before the staging directory is removed, while it is still full.
+        inner = exc.__cause__ if isinstance(exc, FtError) and isinstance(exc.__cause__, OSError) else exc
+        full = not isinstance(inner, FtError) and is_disk_full(inner, final.parent)
         shutil.rmtree(staging, ignore_errors=True)
-        raise _disk_error(final, exc) from exc
+        if full or isinstance(inner, OSError):
+            raise disk_error(final, inner, full=full) from inner
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

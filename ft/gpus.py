@@ -7,8 +7,9 @@ GiB = 2**30 bytes, GB = 10**9 bytes, a bare `G` means GiB (what `nvidia-smi` and
 Peak figures are the vendors' dense BF16 tensor-core numbers (no 2:4 sparsity), with FP32 accumulate
 on GeForce cards (half the FP16-accumulate figure there). They are the denominator of FLOP
 utilisation and of the wall-time estimate, so an entry without a trustworthy figure has `None`.
-Memory is the card's nominal capacity in GiB; the driver keeps a little of it, which the CUDA-context
-term of the size model covers.
+Memory is what the driver reports as the card's total (nvidia-smi's memory.total, torch's
+total_memory), which is less than the marketing figure on several cards (an "80 GB" H100 reports
+81559 MiB, a "24 GB" L4 23034 MiB); the CUDA context inside it is a term of the size model.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ def _gib(n: float) -> int:
     return int(n * GIB)
 
 
-# name -> (memory, dense bf16 TFLOP/s, has bf16). Figures from NVIDIA's product datasheets /
-# architecture whitepapers (Ampere GA102, Ada AD102, Hopper H100/H200).
+def _mib(n: int) -> int:
+    return n << 20
+
+
+# name -> (memory, dense bf16 TFLOP/s, has bf16). TFLOP/s from NVIDIA's product datasheets / architecture
+# whitepapers (Ampere GA102, Ada AD102, Hopper H100/H200); memory as the driver reports it where that is
+# below the nominal size (MiB, nvidia-smi memory.total), else the nominal GiB.
 CATALOGUE: dict[str, Gpu] = {
     g.name: g
     for g in [
@@ -47,18 +53,18 @@ CATALOGUE: dict[str, Gpu] = {
         Gpu("rtx3060-12gb", _gib(12), 25.6),  # GA106: 51.2 FP16-acc, 25.6 FP32-acc
         Gpu("rtx4080", _gib(16), 97.5),  # AD103, FP32 accumulate
         Gpu("rtx3090", _gib(24), 71.0),  # GA102 whitepaper: 71 TFLOPS BF16 with FP32 accumulate
-        Gpu("rtx4090", _gib(24), 165.2),  # AD102 whitepaper: 165.2 TFLOPS BF16 with FP32 accumulate
-        Gpu("a10g", _gib(24), None),  # AWS g5 variant of the A10; NVIDIA publishes no A10G datasheet
-        Gpu("a10", _gib(24), 125.0),
-        Gpu("l4", _gib(24), 121.0),
-        Gpu("t4", _gib(16), 65.0, bf16=False),  # no bfloat16: the FP16 tensor figure
-        Gpu("rtx-a6000", _gib(48), 154.8),
-        Gpu("l40s", _gib(48), 362.1),
+        Gpu("rtx4090", _mib(24564), 165.2),  # AD102 whitepaper: 165.2 TFLOPS BF16 with FP32 accumulate
+        Gpu("a10g", _mib(23028), None),  # AWS g5 variant of the A10; NVIDIA publishes no A10G datasheet
+        Gpu("a10", _mib(23028), 125.0),
+        Gpu("l4", _mib(23034), 121.0),
+        Gpu("t4", _mib(15360), 65.0, bf16=False),  # no bfloat16: the FP16 tensor figure
+        Gpu("rtx-a6000", _mib(49140), 154.8),
+        Gpu("l40s", _mib(46068), 362.1),
         Gpu("a100-40gb", _gib(40), 312.0),
         Gpu("a100-80gb", _gib(80), 312.0),
-        Gpu("h100", _gib(80), 989.4),  # H100 SXM5 80 GB
-        Gpu("h100-pcie", _gib(80), 756.0),
-        Gpu("h200", _gib(141), 989.4),  # H200 SXM 141 GB (HBM3e), same compute as H100 SXM
+        Gpu("h100", _mib(81559), 989.4),  # H100 SXM5 80 GB
+        Gpu("h100-pcie", _mib(81559), 756.0),
+        Gpu("h200", _mib(143771), 989.4),  # H200 SXM 141 GB (HBM3e), same compute as H100 SXM
     ]
 }
 ALIASES = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,21 +155,27 @@ def _model_type(settings) -> str | None:
     return getattr(load_config(settings.model.name_or_path, settings.model.revision), "model_type", None)
 
 
-def initial_micro_batch(settings, device: str) -> int:
-    """The micro-batch to start from: the recipe's, or for `auto` the largest predicted to fit."""
+def initial_micro_batch(settings, device: str, backend: tuple[str, str] | None = None) -> tuple[int, str]:
+    """(micro-batch to start from, why): the recipe's, or for `auto` the largest `ft size` predicts fits."""
     mb = settings.train.micro_batch
     if mb != "auto":
-        return int(mb)
+        return int(mb), "recipe (train.micro_batch)"
     if device != "cuda":
         # No memory model for host RAM; a modest batch that divides the effective batch keeps CPU runs responsive.
-        return max(d for d in range(1, 9) if settings.train.effective_batch % d == 0)
+        micro = max(d for d in range(1, 9) if settings.train.effective_batch % d == 0)
+        return micro, "auto on CPU: the largest divisor of train.effective_batch up to 8"
     from ft.sizing import size_report
 
-    return size_report(settings).max_micro_batch or 1
+    report = size_report(settings, backend=backend)
+    gpu = report.gpu.name if report.gpu else "the GPU"
+    if report.max_micro_batch:
+        return report.max_micro_batch, f"auto: the largest micro-batch `ft size` predicts fits on {gpu}"
+    return 1, f"auto: `ft size` predicts that not even micro-batch 1 fits on {gpu}; trying 1"
 
 
 def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bool = False):
     from ft import train as training
+    from ft.autobatch import OutOfMemory, step_down
     from ft.encode import encode
 
     s = prep.settings
@@ -187,10 +194,25 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
         raise FtError(
             "data: no training rows left after encoding; check train.max_seq_length and data.too_long"
         )
-    start = initial_micro_batch(s, device)
+    start, source = initial_micro_batch(s, device, (backend, reason))
+    retry: bool | str = s.train.micro_batch == "auto"
+    resumed = training.find_resume_point(run_dir, resume)
+    first_step = 0
+    if resumed is not None:  # the checkpoint pins the micro-batch (ft.train keeps the run's data order)
+        marker = training.read_marker(resumed)
+        start, first_step = int(marker.get("micro_batch", start)), int(marker.get("step", 0))
+        source, retry = f"checkpoint {resumed.name}", f"resuming {resumed.name} keeps its micro-batch"
     update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
 
+    # Optimizer steps completed by this attempt (ft.train counts every step of the process): an OOM before
+    # the first one is a start-up OOM (step down), after it a mid-run OOM (stop, keep the checkpoint).
+    def steps_done() -> int:
+        return int(getattr(training, "_steps_done_in_process", 0))
+
+    before = [steps_done()]
+
     def attempt(micro: int, _accum: int):
+        before[0] = steps_done()
         return training.train(
             s,
             run_dir,
@@ -205,13 +227,34 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
             force=force,
         )
 
-    if device == "cuda" and s.train.micro_batch == "auto":
-        from ft.autobatch import step_down
+    def last_checkpoint() -> str | None:
+        done = training.list_checkpoints(run_dir)
+        return f"checkpoints/{done[-1].name}" if done else None
 
-        result, micro, attempts = step_down(attempt, start, s.train.effective_batch, started=training.started)
-        result.micro_batch_attempts = attempts
-    else:
-        result = attempt(start, s.train.effective_batch // start)
+    try:
+        result, micro, attempts = step_down(
+            attempt,
+            start,
+            s.train.effective_batch,
+            started=lambda: steps_done() > before[0],
+            current_step=lambda: first_step + steps_done() - before[0] + 1,
+            checkpoint=last_checkpoint,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+            retry=retry,
+        )
+    except OutOfMemory as exc:
+        update_run(run_dir, status="failed", error=str(exc), micro_batch_attempts=exc.attempts)
+        raise
+    result.micro_batch_attempts = attempts
+    choice = {
+        "setting": s.train.micro_batch,
+        "start": start,
+        "source": source,
+        "micro_batch": result.micro_batch,
+        "grad_accum": result.grad_accum,
+        "effective_batch": s.train.effective_batch,
+        "attempts": attempts,
+    }
     env = json.loads((run_dir / "env.json").read_text())
     env["run"].update(
         ended=utc_now(),
@@ -219,6 +262,7 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
         backend_reason=reason,
         micro_batch=result.micro_batch,
         grad_accum=result.grad_accum,
+        micro_batch_choice=choice,
     )
     write_json(run_dir / "env.json", env)
     write_json(
@@ -231,7 +275,13 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
             "backend": backend,
         },
     )
-    update_run(run_dir, status="trained", train=result.to_dict(), env_sha256=env_ref(run_dir)["sha256"])
+    update_run(
+        run_dir,
+        status="trained",
+        train=result.to_dict(),
+        micro_batch_choice=choice,
+        env_sha256=env_ref(run_dir)["sha256"],
+    )
     return result
 
 

@@ -11,6 +11,8 @@ what to install or change, not twenty minutes later inside CUDA. Checked here, w
     problems = check(settings, need_vram_bytes=sizing_estimate)
     enforce(problems)   # prints warnings, raises FtError with every error paragraph
 
+    gate(settings)      # both, for a command about to train: the VRAM need comes from the sizing model
+
 `FT_REQUIRE_GPU=1` (set by compose's `train` service) makes a missing GPU an error even when the recipe
 would fall back to the CPU.
 """
@@ -369,6 +371,44 @@ def _disk_problems(out: Path, need: int | None, container: bool) -> list[Problem
                     "output.dir at a larger disk.",
                 )
             )
+    return problems
+
+
+def vram_need(settings: Any) -> int | None:
+    """GPU memory the recipe needs by the sizing model (bytes on the card), or None where it cannot say.
+
+    With `train.micro_batch: auto` that is the need at micro-batch 1, the least training can fall back
+    to. No training rows are counted (only the memory prediction is used, not the time). Never raises:
+    a preflight that cannot size the model still checks everything else.
+    """
+    try:
+        from ft import sizing
+
+        micro = 1 if settings.train.micro_batch == "auto" else None
+        report = sizing.size_report(settings, micro_batch=micro, data_stats={"train_rows": 0})
+        return int(report.estimate.total_bytes)
+    except Exception:
+        return None
+
+
+def gate(
+    settings: Any | None = None,
+    *,
+    gpus: list[Gpu] | None | Literal["query"] = "query",
+    need_vram_bytes: int | None = None,
+    stream=None,
+    **kw: Any,
+) -> list[Problem]:
+    """The preflight of a command about to train (`ft run`, `ft train`): check, print warnings, raise on errors.
+
+    The VRAM need comes from the sizing model, asked only when a GPU is visible (without one there is no
+    memory to compare with, and nothing heavy is imported). Other keyword arguments go to `check`.
+    """
+    gpus = query_gpus() if gpus == "query" else gpus
+    if need_vram_bytes is None and gpus and settings is not None:
+        need_vram_bytes = vram_need(settings)
+    problems = check(settings, need_vram_bytes=need_vram_bytes, gpus=gpus, **kw)
+    enforce(problems, stream)
     return problems
 
 

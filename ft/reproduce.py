@@ -211,7 +211,7 @@ def reproduce(bundle: Path, work_dir: Path) -> ReproduceOutcome:
 
     import yaml
 
-    from ft import manifest, pipeline
+    from ft import backends, manifest, pipeline
     from ft.config import settings_from_dict
 
     work_dir = Path(work_dir)
@@ -224,6 +224,9 @@ def reproduce(bundle: Path, work_dir: Path) -> ReproduceOutcome:
     recipe["output"] = {**recipe.get("output", {}), "dir": str(work_dir / "runs"), "run_name": "rerun"}
     settings = settings_from_dict(recipe, str(bundle_dir / "recipe.resolved.yaml"))
 
+    backends.prepare(
+        settings
+    )  # Unsloth, if it is the backend here, before the data check imports transformers
     prep = pipeline.check_data(settings)
     run_dir = pipeline.create_run(prep)
     pipeline.train_stage(prep, run_dir, resume=None)

@@ -572,14 +572,34 @@ def estimate(
 def flops_per_token(
     shape: Shape, seq_len: int, *, gradient_checkpointing: bool, lora_params: int = 0
 ) -> float:
-    """Training FLOPs per token with a frozen base: 2N forward + 2N backward (input gradients only; the
-    base gets no weight gradients) + 2N recompute under checkpointing, attention likewise, + 6 per LoRA
-    parameter. N counts matmul weights (all linears and the LM head; the embedding lookup is free).
-    Causal attention averages seq_len/2 keys: 2 x 2 x q_dim x seq_len/2 forward FLOPs per layer."""
-    n = shape.param_counts()["linear"] + shape.vocab * shape.hidden
+    """Training FLOPs executed per token with a frozen base.
+
+    Matmul weights N = the decoder layers' linears (N_layers) + the LM head (the embedding lookup is free).
+    Forward 2N; backward 2N (input gradients only: the frozen base gets no weight gradients); under
+    checkpointing the decoder layers run forward again (2 N_layers: the LM head is not recomputed). Causal
+    attention averages seq_len/2 keys: 2 x 2 x q_dim x seq_len/2 = 2 q_dim seq_len forward FLOPs per layer
+    and token, twice that in backward, once more when recomputed. Each LoRA parameter costs 6 (forward,
+    input gradient, weight gradient), 2 more when recomputed.
+
+    With gradient_checkpointing=False this is the *model* FLOPs of model-FLOPs utilisation (MFU), which by
+    definition does not count recomputation; the wall-time estimate uses the executed FLOPs."""
+    n_layers = shape.param_counts()["linear"]
+    n_head = shape.vocab * shape.hidden
     attn = 2 * shape.layers * shape.q_dim * seq_len
-    passes = 3 if gradient_checkpointing else 2  # forward (+ recompute) + backward
-    return (passes * 2) * n + (passes + 1) * attn + 6 * lora_params
+    flops = 4 * (n_layers + n_head) + 3 * attn + 6 * lora_params
+    if gradient_checkpointing:
+        flops += 2 * n_layers + attn + 2 * lora_params
+    return float(flops)
+
+
+def model_flops_per_token(shape: Shape, seq_len: int, lora_params: int = 0) -> float:
+    """FLOPs per token the training needs (no recomputation): the numerator of MFU."""
+    return flops_per_token(shape, seq_len, gradient_checkpointing=False, lora_params=lora_params)
+
+
+def mfu(shape: Shape, seq_len: int, tokens_per_s: float, peak_tflops: float, lora_params: int = 0) -> float:
+    """Model-FLOPs utilisation: model FLOPs per second over the GPU's dense bf16 peak."""
+    return model_flops_per_token(shape, seq_len, lora_params) * tokens_per_s / (peak_tflops * 1e12)
 
 
 # -- the report against a GPU and a recipe --------------------------------------------------------------
@@ -777,8 +797,11 @@ def _eta(
     return out
 
 
-def resolve_backend(settings, shape: Shape, gpu: Gpu | None) -> tuple[str, str]:
-    """The backend training would use, without importing anything heavy."""
+def resolve_backend(settings, shape: Shape, gpu: Gpu | None = None) -> tuple[str, str]:
+    """The backend training on a CUDA GPU would use (ft.backends.choose's rule), importing nothing heavy.
+
+    A requested backend is sized as requested even where it is not installed: the question is what the
+    run needs on the GPU it will run on."""
     import importlib.util
 
     from ft.backends import UNSLOTH_ARCHITECTURES
@@ -800,14 +823,21 @@ def size_report(
     micro_batch: int | None = None,
     data_stats: dict | None = None,
     probe_result: dict | None = None,
+    backend: tuple[str, str] | None = None,
 ) -> SizeReport:
-    """Predict the recipe's peak memory against a GPU (named, an amount, or the one present)."""
+    """Predict the recipe's peak memory against a GPU (named, an amount, or the one present).
+
+    backend: (name, reason) of the backend training will use, when the caller already chose it; else
+    it is resolved the way `backend: auto` would resolve on a CUDA machine (`resolve_backend`).
+    """
     from ft import gpus
 
+    if micro_batch is not None and micro_batch < 1:
+        raise FtError(f"--micro-batch {micro_batch}: must be at least 1")
     device = gpus.resolve(gpu) if not isinstance(gpu, Gpu) else gpu
     m, t = settings.model, settings.train
     shape = load_shape(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    backend, reason = resolve_backend(settings, shape, device)
+    backend, reason = backend or resolve_backend(settings, shape, device)
     kw = _settings_inputs(settings, device)
     kw.update(
         backend=backend, seq_len=t.max_seq_length, gpu_memory_bytes=device.memory_bytes if device else None
@@ -846,7 +876,12 @@ def size_report(
 # -- measure it ----------------------------------------------------------------------------------------
 def probe(settings, steps: int = 3, *, micro_batch: int | None = None) -> dict[str, Any]:
     """Run `steps` real optimizer steps (after one warm-up step) at max_seq_length through the backend
-    and TRL's trainer; return the measured peak allocated memory and tokens/s. CUDA only."""
+    and TRL's trainer; return the measured peak allocated memory and tokens/s. CUDA only.
+
+    micro_batch: the one the prediction was made for (`ft size` passes its own), else the recipe's (1 for
+    `auto`). Call `ft.backends.prepare(settings)` before anything imports transformers when the backend
+    may be Unsloth (`ft size --probe` does); this function does it too, which is enough when nothing
+    heavy was imported yet."""
     from ft.manifest import cuda_available
 
     if not cuda_available():
@@ -855,11 +890,13 @@ def probe(settings, steps: int = 3, *, micro_batch: int | None = None) -> dict[s
         raise FtError("--probe steps must be at least 1")
     from ft import backends
 
-    shape = load_shape(settings.model.name_or_path, revision=settings.model.revision)
-    name, reason = backends.choose(settings, "cuda", shape.model_type)
+    _, name, reason = backends.prepare(settings, device="cuda")
     impl = backends.get(name)
-    if name == "unsloth":
-        impl.import_unsloth()  # must precede transformers/trl/peft
+    shape = load_shape(
+        settings.model.name_or_path,
+        revision=settings.model.revision,
+        trust_remote_code=settings.model.trust_remote_code,
+    )
     import dataclasses
     import random
     import tempfile
@@ -902,7 +939,7 @@ def probe(settings, steps: int = 3, *, micro_batch: int | None = None) -> dict[s
             max_steps=steps + 1,
             save_strategy="no",
             logging_strategy="no",
-            **getattr(impl, "sft_config_overrides", lambda s: {})(settings),
+            **getattr(impl, "sft_config_overrides", lambda _: {})(settings),
         )
         trainer = impl.trainer_class()(
             model=loaded.model,

@@ -7,7 +7,12 @@ built by `ft.encode`). What ft adds on top:
   written last) and renamed into `checkpoints/step-NNNNNN`; only marked checkpoints are ever resumed;
 - a resume compares the checkpoint's recipe and data hashes with the current ones and refuses a silent
   mismatch, naming what changed;
-- per-step metrics (loss, learning rate, grad norm, tokens/s) go to `metrics.jsonl` and a progress bar.
+- per-step metrics (loss, learning rate, grad norm, tokens/s) go to `metrics.jsonl` and a progress bar;
+  a resume first drops the rows logged after its checkpoint, so the curve has each step once.
+
+Test-only fault hook: `FT_TEST_KILL_AT="<where>:<step>:<phase>"` makes the process SIGKILL itself at
+one named point (see `_test_kill_point` and its callers), so tests/test_resume.py can prove that a run
+killed anywhere resumes to the same adapter. Unset, it costs one environment lookup per point.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ft.errors import FtError
-from ft.fsutil import fsync_dir, fsync_tree, remove_stale_partials, write_json
+from ft.fsutil import (
+    disk_error,
+    fsync_dir,
+    fsync_tree,
+    is_disk_full,
+    remove_stale_partials,
+    write_json,
+    write_text,
+)
 
 CHECKPOINT_MARKER = "ft-checkpoint.json"
 CHECKPOINT_PREFIX = "step-"
@@ -62,6 +76,17 @@ def started() -> bool:
     return _steps_done_in_process > 0
 
 
+def _test_kill_armed(where: str, step: int, phase: str) -> bool:
+    """Test-only: is FT_TEST_KILL_AT set to this point? (Never set outside tests/test_resume.py.)"""
+    return os.environ.get("FT_TEST_KILL_AT") == f"{where}:{step}:{phase}"
+
+
+def _test_kill_point(where: str, step: int, phase: str) -> None:
+    """Test-only: die here, as `kill -9` would (no cleanup, no flush), when FT_TEST_KILL_AT names this point."""
+    if _test_kill_armed(where, step, phase):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # -- checkpoints --------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints (marker present), oldest first."""
@@ -96,8 +121,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def check_resume_compatible(
     marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool
-) -> None:
-    """Refuse to resume a checkpoint made from another recipe or other data, unless forced."""
+) -> list[str]:
+    """Refuse to resume a checkpoint made from another recipe or other data, unless forced.
+
+    Returns what changed (empty unless forced), so a forced resume is recorded with the run.
+    """
     problems = []
     changed = _differences(marker.get("recipe", {}), recipe)
     if changed:
@@ -111,6 +139,11 @@ def check_resume_compatible(
             f"cannot resume from {marker.get('checkpoint', 'checkpoint')}: " + " and ".join(problems),
             hint="start a new run, or pass --force to resume anyway",
         )
+    if problems:
+        from ft.secrets import redact
+
+        print(redact(f"warning: resuming despite: {' and '.join(problems)} (--force)"), file=sys.stderr)
+    return problems
 
 
 def find_resume_point(run_dir: Path, resume: str | None) -> Path | None:
@@ -126,9 +159,35 @@ def find_resume_point(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+def _discard(checkpoint: Path) -> Path:
+    """Rename a checkpoint to a hidden `.partial` first, so a kill mid-delete never leaves a marked husk."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.partial")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    return doomed
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, step: int = 0) -> None:
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = _discard(old)
+        _test_kill_point("checkpoint", step, "mid-prune")
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def rewind_metrics(run_dir: Path, step: int) -> None:
+    """Keep the metrics rows up to `step` (where training restarts) and drop a line torn by a kill."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # the last line, cut short by a kill or a full disk
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
 
 
 # -- trainer assembly ---------------------------------------------------------------------------------
@@ -159,7 +218,11 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
             )
             self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
 
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            _test_kill_point("step", state.global_step + 1, "mid")  # gradients computed, weights not updated
+
         def on_step_end(self, args, state, control, **kw):
+            _test_kill_point("step", state.global_step, "end")  # before this step is logged or saved
             global _steps_done_in_process
             _steps_done_in_process += 1
             if self.bar is not None:
@@ -189,28 +252,81 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
                 row.update(kind="eval", eval_loss=logs["eval_loss"])
             else:
                 return
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            line = json.dumps(row) + "\n"
+            try:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    if _test_kill_armed("metrics", state.global_step, "torn-line"):
+                        f.write(line[: len(line) // 2])
+                        f.flush()
+                        _test_kill_point("metrics", state.global_step, "torn-line")
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise disk_error(metrics_path, exc) from exc
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
-    return [MetricsAndProgress()]
+    class StopWhenAlreadyDone(TrainerCallback):
+        """A resume from the run's last checkpoint (killed after training, e.g. while saving the adapter)
+        has nothing left to train; transformers would run one step past max_steps when that falls mid-epoch."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            if 0 < state.max_steps <= state.global_step:
+                raise _AlreadyTrained
+
+    return [StopWhenAlreadyDone(), MetricsAndProgress()]
+
+
+class _AlreadyTrained(Exception):
+    """Raised by StopWhenAlreadyDone after the checkpoint's weights are loaded: they are the adapter."""
+
+
+def _eval_logged_at(run_dir: Path, step: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    rows = (
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    )
+    return any(row.get("kind") == "eval" and row.get("step") == step for row in rows)
 
 
 def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, Any], keep_last: int):
     """Subclass the backend's trainer so every checkpoint is staged, fsynced, marked and renamed."""
 
     class AtomicCheckpointTrainer(base_cls):
+        def _save_optimizer_and_scheduler(self, output_dir):
+            # The weights are in the staging directory by now; optimizer, scheduler and RNG are not.
+            _test_kill_point("checkpoint", self.state.global_step, "between-files")
+            super()._save_optimizer_and_scheduler(output_dir)
+
         def _save_checkpoint(self, model, trial):
             root = run_dir / "checkpoints"
             step = self.state.global_step
             final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
             staging_parent = root / f".staging-{step:06d}.partial"
             shutil.rmtree(staging_parent, ignore_errors=True)
+            try:
+                self._stage_checkpoint(model, trial, staging_parent, final, step)
+            except Exception as exc:
+                # torch.save and safetensors do not raise OSError on a full disk; look before cleaning up.
+                full = not isinstance(exc, FtError) and is_disk_full(exc, root)
+                shutil.rmtree(staging_parent, ignore_errors=True)
+                if not (full or isinstance(exc, OSError)):
+                    raise
+                last = list_checkpoints(run_dir)
+                what = "no space left on device" if full else f"could not write ({exc.strerror or exc})"
+                raise FtError(
+                    f"{final}: {what} while writing the checkpoint; the last complete checkpoint "
+                    f"({last[-1].name if last else 'none'}) is intact",
+                    hint="free some space, then continue with `ft train --resume auto`",
+                ) from exc
+            _test_kill_point("checkpoint", step, "before-prune")
+            prune_checkpoints(run_dir, keep_last, step)
+
+        def _stage_checkpoint(self, model, trial, staging_parent: Path, final: Path, step: int) -> None:
             original = self.args.output_dir
             self.args.output_dir = str(staging_parent)
             try:
@@ -229,23 +345,31 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
                 "files": sorted(p.name for p in written.iterdir()),
             }
             fsync_tree(written)
+            _test_kill_point("checkpoint", step, "before-marker")
             write_json(written / CHECKPOINT_MARKER, marker)  # the marker is written last
-            if final.exists():
-                shutil.rmtree(final)
+            _test_kill_point("checkpoint", step, "before-rename")
+            if final.exists():  # only when re-running from an explicit older checkpoint
+                shutil.rmtree(_discard(final))
             os.replace(written, final)
-            fsync_dir(root)
+            fsync_dir(final.parent)
             shutil.rmtree(staging_parent, ignore_errors=True)
-            prune_checkpoints(run_dir, keep_last)
 
     return AtomicCheckpointTrainer
 
 
-def _to_dataset(rows: list[dict[str, Any]]):
+def _to_dataset(rows: list[dict[str, Any]], fingerprint: str | None = None):
+    import pyarrow as pa
     from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable
 
-    return Dataset.from_dict(
-        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
-    )
+    # The fingerprint is given, not computed: `datasets` would hash the whole table to make one, which
+    # transiently costs about six times the table (0.45 GB for 75,000 chat rows; benchmarks/scale_rss.py).
+    fingerprint = fingerprint or generate_random_fingerprint()
+    columns = {
+        key: pa.array([r[key] for r in rows], type=pa.list_(pa.int64())) for key in ("input_ids", "labels")
+    }
+    return Dataset(InMemoryTable(pa.table(columns)), fingerprint=fingerprint)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -319,13 +443,17 @@ def train(
     from ft import backends
 
     run_dir = Path(run_dir)
+    remove_stale_partials(run_dir)  # e.g. an adapter whose write was killed
     remove_stale_partials(run_dir / "checkpoints")
     recipe = settings.to_dict()
     start_from = find_resume_point(run_dir, resume)
+    forced: list[str] = []
     if start_from is not None:
         marker = read_marker(start_from)
-        check_resume_compatible(marker, recipe, data_sha256, force=force)
+        forced = check_resume_compatible(marker, recipe, data_sha256, force=force)
         micro_batch = int(marker.get("micro_batch", micro_batch))  # keep the data order of the original run
+    # Rows logged after the checkpoint (or by an attempt that never reached one) will be logged again.
+    rewind_metrics(run_dir, int(marker.get("step", 0)) if start_from is not None else 0)
 
     accum = max(1, settings.train.effective_batch // micro_batch)
     impl = backends.get(backend)
@@ -344,10 +472,12 @@ def train(
     trainer = trainer_cls(
         model=loaded.model,
         args=config,
-        train_dataset=_to_dataset(train_rows),
-        eval_dataset=_to_dataset(eval_rows) if eval_rows else None,
+        train_dataset=_to_dataset(train_rows, f"ft-train-{data_sha256[:16]}-{settings.sha256[:16]}"),
+        eval_dataset=_to_dataset(eval_rows, f"ft-eval-{data_sha256[:16]}-{settings.sha256[:16]}")
+        if eval_rows
+        else None,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(run_dir, None),
+        callbacks=(callbacks := _callbacks(run_dir, None)),
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -355,9 +485,20 @@ def train(
     trainer.remove_callback(ProgressCallback)
 
     t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+        train_loss = _finite(output.training_loss)
+    except _AlreadyTrained:
+        train_loss = None
+        if eval_rows and not _eval_logged_at(run_dir, trainer.state.global_step):
+            trainer.evaluate()  # the end-of-training evaluation the kill cut off, logged as it would have been
+    finally:
+        callbacks[-1].on_train_end(
+            None, None, None
+        )  # end the progress bar's line before any error is printed
     runtime = time.perf_counter() - t0
 
+    prune_checkpoints(run_dir, settings.train.keep_last)  # in case a kill came before the last prune
     adapter_dir = save_adapter(trainer, loaded, run_dir)
     return TrainResult(
         adapter_dir=adapter_dir,
@@ -367,11 +508,16 @@ def train(
         micro_batch=micro_batch,
         grad_accum=accum,
         steps=trainer.state.global_step,
-        train_loss=_finite(output.training_loss),
+        train_loss=train_loss,
         runtime_s=round(runtime, 2),
         tokens_seen=int(trainer.state.num_input_tokens_seen),
         resumed_from=start_from.name if start_from else None,
-        info={**loaded.info, "dtype": loaded.dtype, "quantization": loaded.quantization},
+        info={
+            **loaded.info,
+            "dtype": loaded.dtype,
+            "quantization": loaded.quantization,
+            **({"forced_resume": forced} if forced else {}),
+        },
     )
 
 
@@ -386,6 +532,7 @@ def save_adapter(trainer, loaded, run_dir: Path) -> Path:
     final = run_dir / "adapter"
     with atomic_dir(final, replace=True) as staging:
         trainer.model.save_pretrained(str(staging), safe_serialization=True)
+        _test_kill_point("adapter", trainer.state.global_step, "staged")
         loaded.tokenizer.save_pretrained(str(staging))
         write_json(staging / "ft-adapter.json", {"env": "../env.json", "recipe": "../recipe.resolved.yaml"})
     return final

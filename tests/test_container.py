@@ -1,6 +1,7 @@
 """Static checks of the container definition: Dockerfile, compose.yaml, .dockerignore, env/, lockfiles/.
 
-These run anywhere, without a Docker engine; `nox -s image_smoke` builds and runs the image for real.
+These run anywhere, without a Docker engine, except those marked `docker` (deselected by `nox -s tests`):
+they inspect and run a built image, and `nox -s image_smoke` runs them against the image it has just built.
 """
 
 from __future__ import annotations
@@ -233,6 +234,48 @@ def test_docker_compose_config_validates(tmp_path):
     assert resolved["services"]["smoke"]["image"] == "ft:cpu"
     assert resolved["services"]["train"]["user"] == "4242:4343"
     assert f"{tmp_path}/runs:/work/runs:rw" in resolved["services"]["smoke"]["volumes"]
+
+
+# -- the built image (needs a Docker engine; `nox -s image_smoke` runs these against the image it built) --
+def _built_image() -> tuple[str, dict, str]:
+    """(docker CLI, `docker image inspect` of FT_TEST_IMAGE or ft:cpu, the reference); skip without them."""
+    ref = os.environ.get("FT_TEST_IMAGE", "ft:cpu")
+    cli = shutil.which("docker")
+    if not cli:
+        pytest.skip("no docker client here")
+    proc = subprocess.run([cli, "image", "inspect", ref], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"no Docker engine, or no image {ref} in it (`nox -s image_smoke` builds ft:cpu)")
+    return cli, json.loads(proc.stdout)[0], ref
+
+
+def _in_image(cli: str, ref: str, *cmd: str) -> str:
+    proc = subprocess.run(
+        [cli, "run", "--rm", "--network", "none", "--entrypoint", cmd[0], ref, *cmd[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.docker
+def test_built_image_runs_as_non_root_and_records_its_lock():
+    cli, attrs, ref = _built_image()
+    config = attrs["Config"]
+    assert config["User"] and config["User"].split(":")[0] not in ("0", "root")
+    assert _in_image(cli, ref, "id", "-u").strip() not in ("", "0")
+    assert config["Entrypoint"] == ["ft"]
+    labels = config["Labels"]
+    facts = json.loads(_in_image(cli, ref, "cat", "/etc/ft/image.json"))
+    lock = _in_image(cli, ref, "sha256sum", "/etc/ft/requirements.lock").split()[0]
+    assert facts["lockfile_sha256"] == labels["ft.lockfile.sha256"] == lock
+    assert facts["flavour"] == labels["ft.flavour"] and facts["git_commit"] == labels["ft.git.commit"]
+    assert lock == hashlib.sha256(LOCKS[facts["flavour"]].encode()).hexdigest(), (
+        "image built from another lock"
+    )
+    assert not any(e.startswith(("HF_TOKEN=", "PIP_INDEX_URL=", "PIP_CERT=")) for e in config["Env"])
 
 
 # -- env/ and lockfiles/ ------------------------------------------------------------------------------------

@@ -252,3 +252,32 @@ def test_errors_come_first(tmp_path):
     gpus = preflight.parse_nvidia_smi(RTX4090_550)
     problems = run_check(tmp_path, require_gpu=True, gpus=gpus, flavour="cu128", need_vram_bytes=30 * GiB)
     assert [p.severity for p in problems] == ["error", "warning"]
+
+
+def test_gate_sizes_the_recipe_only_when_a_gpu_is_visible(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(preflight, "vram_need", lambda s: asked.append(s) or 70 * GiB)
+    s = settings(out=tmp_path)
+    common = dict(nodes=[], container=True, flavour="cu130", need_disk_bytes=1, driver="580.65.06")
+    assert preflight.gate(s, gpus=None, **common) == []
+    assert asked == []  # no GPU: nothing to compare a prediction with, so nothing heavy is imported
+    with pytest.raises(FtError, match="needs about 70.0 GiB of GPU memory"):
+        preflight.gate(s, gpus=preflight.parse_nvidia_smi(RTX4090_550), **common)
+    assert asked == [s]
+
+
+def test_gate_refuses_a_gpu_run_in_the_cpu_image(tmp_path):
+    with pytest.raises(FtError, match="CPU build of ft") as exc:
+        preflight.gate(
+            settings(device="cuda", out=tmp_path), gpus=None, nodes=[], flavour="cpu", container=True
+        )
+    assert "docker compose run --rm smoke" in str(exc.value)
+
+
+def test_vram_need_from_the_sizing_model_and_never_raising():
+    from ft.config import load_settings
+
+    tiny = load_settings("tiny", [])
+    need = preflight.vram_need(tiny)
+    assert need is not None and 0 < need < 80 * GiB
+    assert preflight.vram_need(settings()) is None  # a settings slice sizing cannot read: no verdict

@@ -140,6 +140,35 @@ def test_activation_terms_by_hand_unsloth():
     assert small["checkpointed layer inputs"] == 24 * 2 * 64 * 896
 
 
+def test_whole_peak_by_hand_unsloth_7b_at_2x2048():
+    """Every term of one prediction from the published config alone, then the phase rule."""
+    T, n_lora = 2 * 2048, 40_370_176
+    packed = sum(L * (a * o // 2) for a, o in LINEARS.values())
+    consts = sum(
+        L * ((a * o // 64) + 4 * math.ceil(a * o // 64 / 256) + 1028 + 64) for a, o in LINEARS.values()
+    )
+    persistent = (
+        packed
+        + consts
+        + 2 * V * H  # embeddings, bf16
+        + 2 * V * H  # untied LM head, bf16
+        + 2 * ((2 * L + 1) * H + L * (H + 2 * KVD))  # norms + q/k/v biases, bf16
+        + (4 + 4 + 8) * n_lora  # LoRA weights, gradients, AdamW states (fp32)
+        + 2 * H * FF  # Unsloth's dequantisation buffer: the largest linear in bf16
+        + 32 * T  # input_ids, labels, attention mask, position ids (int64)
+        + (32 << 20)  # cuBLAS workspace
+    )
+    staging = 3 * 2 * T * H  # two offload staging buffers + the last layer's input, bf16
+    recomputed = (3 * 2 * H + 8 + 2 * (H + 2 * H + H + H) + 4 * HEADS + 2 * 2 * FF) * T
+    backward = (3 * 2 * H + 2 * FF) * T
+    e = est7b(backend="unsloth")
+    assert e.phases["layer backward"] == staging + recomputed + backward == 877_101_056
+    assert e.phase == "layer backward" and e.phases["loss"] < e.phases["layer backward"]
+    assert e.peak_allocated_bytes == persistent + staging + recomputed + backward
+    reserve = int(e.peak_allocated_bytes * 0.08)
+    assert e.total_bytes == e.peak_allocated_bytes + (600 << 20) + reserve
+
+
 def test_loss_terms():
     # TRL's chunked_nll: 256-token chunks; the hf backend also casts the fp32 LM head to bf16 per chunk
     e = sizing.estimate("qwen2.5-0.5b", backend="hf", seq_len=512, micro_batch=1)
@@ -248,6 +277,9 @@ def test_gpu_amounts_and_names():
     assert parse_gpu("RTX4090") is CATALOGUE["rtx4090"]
     assert parse_gpu("a100-80gb").memory_bytes == 80 * GIB
     assert parse_gpu("H100").bf16_tflops == pytest.approx(989.4)
+    # what the driver reports, not the marketing size: an "80 GB" H100 has 79.6 GiB, a "24 GB" L4 22.5
+    assert parse_gpu("h100").memory_bytes == 81559 << 20
+    assert parse_gpu("l4").memory_bytes == 23034 << 20
     assert parse_gpu("4090") is CATALOGUE["rtx4090"]
     for name in ("rtx3090", "a10g", "l4", "a100-40gb", "h200", "rtx4060-laptop-8gb"):
         assert parse_gpu(name).name == name
@@ -352,12 +384,24 @@ def test_eta_counts_rows_of_the_training_file(gpu_settings):
     assert sizing.size_report(gpu_settings(), gpu="24GiB").eta.get("why")  # an amount has no FLOP/s figure
 
 
-def test_flops_per_token_formula():
-    shape = sizing.PRESETS["qwen2.5-0.5b"]
-    n = shape.param_counts()["linear"] + shape.vocab * shape.hidden
-    attn = 2 * shape.layers * shape.q_dim * 1024
-    assert sizing.flops_per_token(shape, 1024, gradient_checkpointing=True) == 6 * n + 4 * attn
-    assert sizing.flops_per_token(shape, 1024, gradient_checkpointing=False) == 4 * n + 3 * attn
+def test_flops_per_token_by_hand_for_qwen25_7b():
+    shape = sizing.PRESETS["qwen2.5-7b"]
+    layers = L * sum(a * b for a, b in LINEARS.values())  # the decoder's matmul weights
+    assert layers == 6_525_288_448
+    head = V * H  # the untied LM head: 544,997,376
+    attn = 2 * L * (HEADS * D) * 2048  # causal: 2 x 2 x q_dim x 2048/2 per layer and token
+    lora = 40_370_176
+    # frozen base: forward 2, backward (input gradients only) 2; LoRA 6; attention forward 1 + backward 2
+    model = 4 * (layers + head) + 3 * attn + 6 * lora
+    assert sizing.model_flops_per_token(shape, 2048, lora) == model
+    assert sizing.flops_per_token(shape, 2048, gradient_checkpointing=False, lora_params=lora) == model
+    # checkpointing recomputes the decoder layers' forward (not the LM head's)
+    executed = model + 2 * layers + attn + 2 * lora
+    assert sizing.flops_per_token(shape, 2048, gradient_checkpointing=True, lora_params=lora) == executed
+    assert attn == 411_041_792
+    assert model == 29_756_489_728  # ~29.8 GFLOP per token
+    # MFU: model FLOPs x tokens/s over the dense peak
+    assert sizing.mfu(shape, 2048, 1000.0, 989.4, lora) == pytest.approx(model * 1000 / 989.4e12)
 
 
 def test_probe_needs_cuda(gpu_settings, monkeypatch):
@@ -396,3 +440,154 @@ def test_bench_dry_run_writes_the_prediction_tables(tmp_path):
     for preset in ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"):
         cfg = json.loads((tmp_path / "models" / preset / "config.json").read_text())
         assert sizing.shape_from_config(cfg, preset) == sizing.PRESETS[preset]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "starts"),
+    [
+        (["--gpu", "voodoo2"], "error: --gpu voodoo2: unknown GPU"),
+        (["--gpu", "rtx4900"], "error: --gpu rtx4900: unknown GPU; did you mean 'rtx4090'?"),
+        (["--gpu", "24"], "error: --gpu 24: unknown GPU"),  # a bare number is not an amount
+        (["--gpu", "0GiB"], "error: --gpu 0GiB: memory must be positive"),
+        (["--micro-batch", "0"], "error: --micro-batch 0: must be at least 1"),
+        (["--seq", "0"], "error: --seq 0: must be at least 1"),
+        (["--model", "./no-such-model"], "error: model.name_or_path: ./no-such-model: no such directory"),
+        (["--probe"], "error: ft size --probe needs a CUDA GPU"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(argv, starts, capsys, monkeypatch):
+    from ft.cli import main
+
+    monkeypatch.setattr("ft.manifest.cuda_available", lambda: False)
+    assert main(["size", "--recipe", "tiny", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(starts), captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_cli_sizes_a_local_7b_config_against_a_named_gpu(tmp_path, capsys, monkeypatch):
+    from ft.cli import main
+
+    monkeypatch.setattr("ft.gpus.detect", lambda: None)
+    d = tmp_path / "qwen7b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(sizing.PRESETS["qwen2.5-7b"].to_config()))
+    args = ["size", "--model", str(d), "--set", "train.backend=unsloth", "--gpu", "rtx4090", "--seq", "2048"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "unsloth" and report["gpu"]["name"] == "rtx4090"
+    assert report["estimate"]["inputs"]["seq_len"] == 2048
+    assert report["estimate"]["params"]["total"] == 7_615_616_512
+    assert report["max_micro_batch"] * report["grad_accum"] == report["effective_batch"]
+    assert report["micro_batch"] == report["max_micro_batch"]  # `auto`: predicted at the largest fit
+    assert report["fits"] is True and report["headroom_bytes"] > 0
+    assert report["eta"]["seconds"] > 0
+    assert main([*args, "--micro-batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "micro-batch 2 x 2048 tokens" in text and "GPU rtx4090: 24.0 GiB ->" in text
+    assert "largest micro-batch that fits" in text and "gradient accumulation" in text
+
+
+def test_size_report_uses_the_backend_it_is_given(gpu_settings):
+    r = sizing.size_report(gpu_settings(**{"train.backend": "auto"}), gpu="h100", backend=("unsloth", "test"))
+    assert (r.backend, r.backend_reason) == ("unsloth", "test")
+    assert r.estimate.inputs["backend"] == "unsloth"
+
+
+# -- the benchmark's CPU-side parts ---------------------------------------------------------------------
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_plan_and_argument_checks(capsys):
+    bench = _bench()
+    assert bench._points("1x4096, 4x2048") == [(1, 4096), (4, 2048)]
+    assert bench._throughput("qwen2.5-7b:2x2048") == [("qwen2.5-7b", 2, 2048)]
+    for bad in ("4", "0x2048", "ax2"):
+        with pytest.raises(ValueError):
+            bench._points(bad)
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench._throughput("gpt5:1x1")
+    bench.main(["--list"])
+    ids = capsys.readouterr().out.split()
+    # the issue's throughput point: Unsloth, plain hf, a bare Unsloth loop; then the sizing sweep
+    assert ids[:3] == [
+        "throughput-ft-unsloth-qwen2.5-7b-2x2048",
+        "throughput-ft-hf-qwen2.5-7b-2x2048",
+        "throughput-bare-unsloth-qwen2.5-7b-2x2048",
+    ]
+    assert len(ids) == 3 + 3 * 4 * 2 and len(set(ids)) == len(ids)
+    bench.main(["--list", "--only", "0.5b"])
+    assert all("qwen2.5-0.5b" in i for i in capsys.readouterr().out.split())
+    for argv in (["--gpu", "voodoo2"], ["--models", "gpt5"], ["--sweep-points", "4"], ["--throughput", "x"]):
+        with pytest.raises(SystemExit) as info:
+            bench.main([*argv, "--list"])
+        assert info.value.code == 2
+
+
+def test_bench_tables_from_synthetic_results(tmp_path):
+    """The report arithmetic on made-up records (never reported anywhere): speed-up, memory ratio,
+    overhead, MFU and the prediction error, in JSON and Markdown."""
+    bench = _bench()
+    args = bench.main.__globals__["argparse"].Namespace(
+        out=str(tmp_path),
+        models="qwen2.5-0.5b",
+        sweep_points="1x4096",
+        throughput="qwen2.5-7b:2x2048",
+        warmup=3,
+        steps=6,
+        sweep_warmup=1,
+        sweep_steps=2,
+        only=None,
+    )
+    specs = bench.plan(args)
+    device = {"device": "NVIDIA H100 80GB HBM3", "device_memory_bytes": 80 * GIB, "cuda": "13.0"}
+    fake = {  # tokens/s and peak bytes, synthetic
+        "throughput-ft-unsloth-qwen2.5-7b-2x2048": (4000.0, 6 * GIB),
+        "throughput-ft-hf-qwen2.5-7b-2x2048": (2000.0, 12 * GIB),
+        "throughput-bare-unsloth-qwen2.5-7b-2x2048": (4100.0, 6 * GIB),
+        "sweep-ft-unsloth-qwen2.5-0.5b-1x4096": (None, 2 * GIB),
+        "sweep-ft-hf-qwen2.5-0.5b-1x4096": (None, None),
+    }
+    results = []
+    for spec in specs:
+        tps, peak = fake[spec["id"]]
+        record = {"spec": spec, **device, "versions": {"torch": "x"}, "started": "synthetic"}
+        if peak:
+            record.update(peak_allocated_bytes=peak, tokens_per_s=tps)
+        else:
+            record.update(error="OutOfMemoryError: synthetic", oom=True)
+        results.append(record)
+    (tmp_path / "runs").mkdir()
+    for record in results[1:]:  # results gathered from several machines: the report is rebuilt from files
+        (tmp_path / "runs" / f"{record['spec']['id']}.json").write_text(json.dumps(record))
+    assert [r["spec"]["id"] for r in bench.collect(args)] == [r["spec"]["id"] for r in results[1:]]
+    bench.write_reports(args, results)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["path"]: r for r in data["throughput"]}
+    shape = sizing.PRESETS["qwen2.5-7b"]
+    lora = sizing.estimate(shape).params["lora"]  # r=16 on all seven projections
+    assert rows["ft-unsloth"]["flop_utilisation"] == pytest.approx(
+        sizing.model_flops_per_token(shape, 2048, lora) * 4000.0 / 989.4e12
+    )
+    predicted = sizing.estimate(
+        shape, seq_len=2048, micro_batch=2, backend="unsloth", gpu_memory_bytes=80 * GIB
+    )
+    assert rows["ft-unsloth"]["predicted_peak_bytes"] == predicted.peak_allocated_bytes
+    assert rows["ft-unsloth"]["error"] == pytest.approx(
+        (predicted.peak_allocated_bytes - 6 * GIB) / (6 * GIB)
+    )
+    md = (tmp_path / "bench.md").read_text()
+    assert "**2.00×** tokens/s (target ≥ 1.9×: met)" in md
+    assert "**0.50×** peak memory (target ≤ 0.65×: met)" in md
+    assert "overhead over a bare Unsloth loop: **+2.4%** (target < 3%: met)" in md
+    sweep = {r["backend"]: r for r in data["sizing"]}
+    assert sweep["unsloth"]["measured_peak_gib"] == 2.0 and sweep["hf"]["oom"] is True
+    assert "| qwen2.5-0.5b | 1 × 4096 | hf |" in md and "| OOM |" in md

@@ -3,6 +3,7 @@ recipe maps onto FastLanguageModel (against a fake `unsloth` module that records
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,79 @@ def test_import_first_succeeds_and_later_imports_are_fine(fake_unsloth_pkg):
     assert "first: []" in out.stdout and "again: True" in out.stdout
 
 
+def test_prepare_imports_unsloth_before_the_data_check_loads_transformers(fake_unsloth_pkg):
+    """What `ft train` must do first: choose the backend from config.json (no transformers) and import
+    Unsloth then, so that the tokenizer the data check loads comes after it."""
+    out = run_py(
+        """
+        import sys
+        import ft.manifest
+        ft.manifest.cuda_available = lambda: True
+        from ft import backends
+        from ft.config import load_settings
+        s = load_settings("tiny", {"train": {"device": "cuda", "backend": "auto"}})
+        print("before:", "transformers" in sys.modules, "unsloth" in sys.modules)
+        print("chose:", backends.prepare(s))
+        import unsloth
+        print("unsloth saw first:", unsloth.IMPORTED_AFTER)
+        from ft.modelref import load_tokenizer  # the data check's tokenizer
+        load_tokenizer("builtin:tiny-qwen2")
+        from ft.backends.unsloth import import_unsloth
+        print("later:", import_unsloth() is unsloth)
+        """,
+        pythonpath=fake_unsloth_pkg,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "before: False False" in out.stdout
+    assert "chose: ('cuda', 'unsloth', 'auto: CUDA GPU and a supported architecture (qwen2)')" in out.stdout
+    assert "unsloth saw first: []" in out.stdout and "later: True" in out.stdout
+
+
+def test_prepare_picks_hf_without_cuda_or_for_an_unsupported_architecture(fake_unsloth_pkg, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    out = run_py(
+        f"""
+        import sys
+        import ft.manifest
+        from ft import backends
+        from ft.config import load_settings
+        ft.manifest.cuda_available = lambda: False
+        print("cpu:", backends.prepare(load_settings("tiny", {{"train": {{"device": "auto", "backend": "auto"}}}})))
+        ft.manifest.cuda_available = lambda: True
+        s = load_settings(
+            "tiny", {{"train": {{"device": "cuda", "backend": "auto"}}, "model": {{"name_or_path": {str(gpt2)!r}}}}}
+        )
+        print("gpt2:", backends.prepare(s))
+        print("recorded:", backends.prepare(s, backend="hf"))
+        print("imported:", "unsloth" in sys.modules, "transformers" in sys.modules)
+        """,
+        pythonpath=fake_unsloth_pkg,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cpu: ('cpu', 'hf', 'auto: no CUDA GPU, Unsloth needs one')" in out.stdout
+    assert "gpt2: ('cuda', 'hf', \"auto: Unsloth does not support the 'gpt2' architecture\")" in out.stdout
+    assert "recorded: ('cuda', 'hf', 'recorded (hf)')" in out.stdout
+    assert "imported: False False" in out.stdout
+
+
+def test_model_type_without_transformers(tmp_path, monkeypatch):
+    from ft.backends import model_type_of
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "llava", "text_config": {"model_type": "llama"}})
+    )
+    assert model_type_of(str(d)) == "llava"
+    (d / "config.json").write_text(json.dumps({"text_config": {"model_type": "llama"}}))
+    assert model_type_of(str(d)) == "llama"
+    assert model_type_of("builtin:tiny-qwen2") == "qwen2"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_type_of("nobody/not-cached-anywhere") is None  # offline and not cached: unknown
+
+
 def test_device_must_be_cuda(tiny_settings):
     from ft.backends import unsloth
 
@@ -219,8 +293,21 @@ def test_no_checkpointing_and_16_bit_map_through(tiny_settings, fake_fast):
     assert fake_fast["from_pretrained"]["dtype"] is torch.bfloat16
     assert fake_fast["get_peft_model"]["use_gradient_checkpointing"] is False
     assert loaded.quantization == "none"
+    # the trainer must not turn checkpointing on behind Unsloth's back ...
     assert unsloth.sft_config_overrides(s) == {
         "gradient_checkpointing": False,
+        "gradient_checkpointing_kwargs": None,
+    }
+
+
+def test_sft_config_keeps_unsloths_checkpointing_on(tiny_settings):
+    """... nor off: Unsloth's trainer calls model.for_training(use_gradient_checkpointing=args.
+    gradient_checkpointing), and its offloaded checkpointing runs on the reentrant path (no kwargs)."""
+    from ft.backends import unsloth
+
+    s = tiny_settings(**{"train.device": "auto", "train.gradient_checkpointing": True})
+    assert unsloth.sft_config_overrides(s) == {
+        "gradient_checkpointing": True,
         "gradient_checkpointing_kwargs": None,
     }
 
@@ -244,9 +331,124 @@ def test_eval_load_uses_inference_mode(tiny_settings, fake_fast, monkeypatch):
     assert "use_gradient_checkpointing" not in fake_fast["from_pretrained"]
 
 
-def test_trainer_class_is_trls(fake_fast):
+def test_trainer_class_is_trls_with_unsloths_checkpointing_settings(fake_fast):
     from trl import SFTTrainer
 
     from ft.backends import unsloth
 
-    assert unsloth.trainer_class() is SFTTrainer
+    cls = unsloth.trainer_class()
+    assert issubclass(cls, SFTTrainer) and unsloth.trainer_class() is cls
+
+
+# -- `ft train`'s real path (ft.train.train) through the unsloth backend, on CPU ----------------------------
+@pytest.fixture
+def peft_backed_fast(monkeypatch):
+    """A fake `unsloth` whose FastLanguageModel loads the model with transformers and wraps it with real peft
+    (as Unsloth does underneath), recording the calls in order."""
+    calls: list[tuple[str, dict]] = []
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kw):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            calls.append(("from_pretrained", kw))
+            model = AutoModelForCausalLM.from_pretrained(kw["model_name"], dtype=kw["dtype"])
+            return model, AutoTokenizer.from_pretrained(kw["model_name"])
+
+        @staticmethod
+        def get_peft_model(model, **kw):
+            from peft import LoraConfig, get_peft_model
+
+            calls.append(("get_peft_model", kw))
+            model.enable_input_require_grads()  # Unsloth does this for checkpointing through a frozen base
+            config = LoraConfig(
+                r=kw["r"],
+                lora_alpha=kw["lora_alpha"],
+                lora_dropout=kw["lora_dropout"],
+                target_modules=kw["target_modules"],
+                bias=kw["bias"],
+                task_type="CAUSAL_LM",
+            )
+            return get_peft_model(model, config)
+
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel = FastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    return calls
+
+
+def test_ft_train_on_the_unsloth_backend_saves_a_peft_adapter(
+    tiny_settings, tiny_model_dir, tmp_path, monkeypatch, peft_backed_fast
+):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from ft import train as training
+
+    seen_args = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen_args.update(
+                gradient_checkpointing=args.gradient_checkpointing, kwargs=args.gradient_checkpointing_kwargs
+            )
+
+    original = training._callbacks
+    monkeypatch.setattr(training, "_callbacks", lambda run_dir, hint: original(run_dir, hint) + [Record()])
+    s = tiny_settings(
+        **{
+            "train.device": "auto",
+            "train.backend": "unsloth",
+            "train.max_seq_length": 64,
+            "train.gradient_checkpointing": True,
+            "train.max_steps": 2,
+            "train.save_every": 1,
+            "train.effective_batch": 4,
+            "train.micro_batch": 2,
+        }
+    )
+    rng = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 500, (8, 48), generator=rng).tolist()
+    ]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = training.train(
+        s,
+        run_dir,
+        rows,
+        [],
+        data_sha256="x",
+        device="cuda",
+        backend="unsloth",
+        backend_reason="test",
+        micro_batch=2,
+    )
+
+    # the recipe reached Unsloth's API, in Unsloth's order
+    assert [name for name, _ in peft_backed_fast] == ["from_pretrained", "get_peft_model"]
+    fp, gp = peft_backed_fast[0][1], peft_backed_fast[1][1]
+    assert fp["model_name"] == str(tiny_model_dir) and fp["max_seq_length"] == 64
+    assert fp["load_in_4bit"] is False and fp["dtype"] is torch.float32  # the tiny recipe: quantization none
+    assert fp["use_gradient_checkpointing"] == gp["use_gradient_checkpointing"] == "unsloth"
+    assert (gp["r"], gp["lora_alpha"], gp["random_state"]) == (16, 32, 42)
+    # the trainer ran with Unsloth's checkpointing settings, not the hf backend's use_reentrant=False
+    assert seen_args == {"gradient_checkpointing": True, "kwargs": None}
+    assert (result.backend, result.micro_batch, result.grad_accum, result.steps) == ("unsloth", 2, 2, 2)
+    assert (run_dir / "checkpoints" / "step-000002" / "ft-checkpoint.json").is_file()
+
+    # the adapter on disk is plain PEFT format: loads onto the untouched base with peft alone
+    adapter = result.adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
+    assert set(config["target_modules"]) == set(s.lora.target_modules)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # trained (B starts at zero)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(adapter))
+    state = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+    assert len(state) == len(saved)

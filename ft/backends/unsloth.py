@@ -197,18 +197,40 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
     return Loaded(model, tokenizer, "unsloth", device, _dtype_name(model), quant, info=_versions())
 
 
+_TRAINER_CLASS: type | None = None
+
+
 def trainer_class():
-    """TRL's SFTTrainer, imported after Unsloth so Unsloth's trainer patches apply."""
+    """TRL's SFTTrainer, imported after Unsloth (so Unsloth's trainer patches apply), with the SFTConfig
+    fields of `sft_config_overrides` applied to whatever config it is given: `ft train`, `ft size --probe`
+    and the benchmark all build the config the hf way, and this keeps them on Unsloth's own settings."""
+    global _TRAINER_CLASS
     import_unsloth()
     from trl import SFTTrainer
 
-    return SFTTrainer
+    if _TRAINER_CLASS is None or not issubclass(_TRAINER_CLASS, SFTTrainer):
+
+        class FtUnslothTrainer(SFTTrainer):
+            def __init__(self, *args, **kwargs):
+                config = kwargs.get("args")
+                if config is not None:
+                    for key, value in sft_config_overrides(config).items():
+                        setattr(config, key, value)
+                super().__init__(*args, **kwargs)
+
+        _TRAINER_CLASS = FtUnslothTrainer
+    return _TRAINER_CLASS
 
 
-def sft_config_overrides(settings) -> dict[str, Any]:
-    """SFTConfig fields this backend needs different from the hf defaults.
+def sft_config_overrides(config_or_settings) -> dict[str, Any]:
+    """SFTConfig fields this backend needs different from the hf backend's.
 
-    Unsloth sets up its own (offloaded) gradient checkpointing in get_peft_model; letting the Trainer
-    also call `gradient_checkpointing_enable()` would replace it with transformers' on-GPU version.
+    Checkpointing stays as the recipe asks (Unsloth's trainer calls `model.for_training(
+    use_gradient_checkpointing=args.gradient_checkpointing)`, so False here would switch Unsloth's own
+    checkpointing off), but with no `gradient_checkpointing_kwargs`: the hf backend asks for
+    `use_reentrant=False`, and Unsloth's offloaded checkpointing is built on the reentrant path. These are
+    Unsloth's own SFTConfig defaults, what its examples (and the benchmark's bare loop) run with.
     """
-    return {"gradient_checkpointing": False, "gradient_checkpointing_kwargs": None}
+    train = getattr(config_or_settings, "train", None)
+    on = train.gradient_checkpointing if train is not None else config_or_settings.gradient_checkpointing
+    return {"gradient_checkpointing": bool(on), "gradient_checkpointing_kwargs": None}
