@@ -69,9 +69,9 @@ ARG FT_UID=1000
 ARG FT_GID=1000
 RUN groupadd --gid "${FT_GID}" ft \
  && useradd --uid "${FT_UID}" --gid ft --create-home --shell /usr/sbin/nologin ft \
- && mkdir -p /work/data /work/runs /work/bundles /cache/huggingface /cache/ft \
- && chown -R ft:ft /work /cache \
- && chmod 1777 /work /work/runs /work/bundles /cache /cache/huggingface /cache/ft /home/ft
+ && mkdir -p /workspace/data /workspace/runs /workspace/bundles /cache/huggingface /cache/ft \
+ && chown -R ft:ft /workspace /cache \
+ && chmod 1777 /workspace /workspace/runs /workspace/bundles /cache /cache/huggingface /cache/ft /home/ft
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/ft/requirements.lock /etc/ft/requirements.lock
 # /cache is where compose mounts the named cache volume: models downloaded once, kept across runs.
@@ -113,7 +113,7 @@ LABEL org.opencontainers.image.title="ft" \
 RUN --mount=type=bind,source=env/image_facts.py,target=/tmp/image_facts.py \
     /opt/venv/bin/python /tmp/image_facts.py /etc/ft/requirements.lock /etc/ft/image.json
 
-WORKDIR /work
+WORKDIR /workspace
 # Numeric, so runtimes that enforce non-root (e.g. Kubernetes runAsNonRoot) can check it.
 USER ${FT_UID}:${FT_GID}
 ENTRYPOINT ["ft"]

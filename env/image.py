@@ -800,17 +800,17 @@ def cmd_rerun(a) -> int:
             import docker
 
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-        target = "/work/bundle" + ("" if bundle.is_dir() else "/" + bundle.name)
+        target = "/workspace/bundle" + ("" if bundle.is_dir() else "/" + bundle.name)
         mount_src = bundle if bundle.is_dir() else bundle.parent
         log(f"ft reproduce in {image_id[:19]} ({'GPU' if gpus == 'all' else 'CPU'})")
         box = client().containers.run(
             image_id,
-            ["reproduce", target, "--work", "/work/out"],
+            ["reproduce", target, "--work", "/workspace/out"],
             detach=True,
             user=f"{uid}:{gid}",
             volumes={
-                str(mount_src): {"bind": "/work/bundle", "mode": "ro"},
-                str(work): {"bind": "/work/out", "mode": "rw"},
+                str(mount_src): {"bind": "/workspace/bundle", "mode": "ro"},
+                str(work): {"bind": "/workspace/out", "mode": "rw"},
                 "ft-rerun-cache": {"bind": "/cache", "mode": "rw"},
             },
             environment={"FT_IMAGE_ID": image_id, "HF_TOKEN": os.environ.get("HF_TOKEN", "")},

@@ -202,9 +202,9 @@ def test_compose_user_mounts_and_token_pass_through():
     for name, svc in SERVICES.items():
         assert svc["user"] == "${UID:-1000}:${GID:-1000}", name
         assert {
-            "./data:/work/data:ro",
-            "./runs:/work/runs",
-            "./bundles:/work/bundles",
+            "./data:/workspace/data:ro",
+            "./runs:/workspace/runs",
+            "./bundles:/workspace/bundles",
             "hf-cache:/cache",
         } <= set(svc["volumes"]), name
         # A pass-through (no value): the token is never written into the file or interpolated into it.
@@ -233,7 +233,7 @@ def test_docker_compose_config_validates(tmp_path):
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["services"]["smoke"]["image"] == "ft:cpu"
     assert resolved["services"]["train"]["user"] == "4242:4343"
-    assert f"{tmp_path}/runs:/work/runs:rw" in resolved["services"]["smoke"]["volumes"]
+    assert f"{tmp_path}/runs:/workspace/runs:rw" in resolved["services"]["smoke"]["volumes"]
 
 
 # -- the built image (needs a Docker engine; `nox -s image_smoke` runs these against the image it built) --
