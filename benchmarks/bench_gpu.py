@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing ft
 
 from ft import sizing  # noqa: E402  (cheap: no torch, no transformers)
 from ft.errors import FtError  # noqa: E402
-from ft.gpus import GIB, match_name, parse_gpu  # noqa: E402
+from ft.sizing.gpus import GIB, match_name, parse_gpu  # noqa: E402
 
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
 SWEEP_POINTS = "1x4096,4x2048,8x1024,16x2048"
@@ -334,7 +334,7 @@ def worker(spec: dict, model_dir: Path, result_path: Path) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             (run_ft if spec["kind"] == "ft" else run_bare)(spec, model_dir, Path(tmp), record)
     except Exception as exc:  # an OOM in the sweep is a result, not a crash
-        from ft.autobatch import is_oom
+        from ft.sizing.autobatch import is_oom
 
         record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
         record["oom"] = is_oom(exc)

@@ -78,7 +78,7 @@ def peak_rss_mib() -> float:
 
 def time_encode(result, tokenizer, settings) -> dict:
     """Labels for the training split, as `ft train` builds them (assistant-only loss)."""
-    from ft.encode import encode
+    from ft.data.encode import encode
 
     started = time.perf_counter()
     rows = encode(result.train, tokenizer, settings.train.max_seq_length, settings.data.too_long)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument(
-        "--encode", action="store_true", help="also time ft.encode (the training rows) afterwards"
+        "--encode", action="store_true", help="also time ft.data.encode (the training rows) afterwards"
     )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ file before anything is measured. Then, in
 this one process, the stages `ft train` runs before its first step:
 
     check     ft.data.check: read, validate, dedupe, render and tokenise for lengths, split
-    encode    ft.encode.encode on the training split: input ids and assistant-only labels
+    encode    ft.data.encode.encode on the training split: input ids and assistant-only labels
     dataset   the datasets.Dataset the trainer is given (ft.train._to_dataset)
 
 For each stage: wall time, peak RSS of the process so far, and RSS still held after it. The baseline
@@ -72,7 +72,7 @@ def current_rss_mib() -> float | None:
 def measure(rows: int, seed: int, max_seq_length: int) -> dict:
     from ft.config import load_settings
     from ft.data import check
-    from ft.encode import encode
+    from ft.data.encode import encode
     from ft.modelref import load_tokenizer
     from ft.train import _to_dataset
 

@@ -176,7 +176,8 @@ def _prepare_run(args, settings):
 
 
 def cmd_train(args) -> int:
-    from ft import backends, pipeline, preflight
+    from ft import backends, pipeline
+    from ft.sizing import preflight
 
     settings = _settings(args)
     preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded
@@ -236,7 +237,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from ft import signing
+    from ft.bundle import signing
 
     signing.generate_keypair(Path(args.private), Path(args.public))
     _out(f"wrote {args.private} (keep it secret) and {args.public} (share it)")
@@ -244,7 +245,7 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from ft.reproduce import reproduce
+    from ft.bundle.reproduce import reproduce
 
     outcome = reproduce(Path(args.bundle), Path(args.work))
     _out(outcome.render())
@@ -252,7 +253,8 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ft import backends, pipeline, preflight
+    from ft import backends, pipeline
+    from ft.sizing import preflight
 
     settings = _settings(args)
     preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded

@@ -175,8 +175,8 @@ def initial_micro_batch(settings, device: str, backend: tuple[str, str] | None =
 
 def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bool = False):
     from ft import train as training
-    from ft.autobatch import OutOfMemory, step_down
-    from ft.encode import encode
+    from ft.data.encode import encode
+    from ft.sizing.autobatch import OutOfMemory, step_down
 
     s = prep.settings
     device, backend, reason = choose_device_and_backend(s)
@@ -286,8 +286,8 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
 
 
 def eval_stage(prep: Prepared, run_dir: Path) -> dict[str, Any]:
-    from ft.evaluate import evaluate
-    from ft.report import write_eval_outputs
+    from ft.eval.evaluate import evaluate
+    from ft.report.eval_report import write_eval_outputs
 
     s = prep.settings
     meta = read_run(run_dir)

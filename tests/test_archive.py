@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ft.archive import safe_extract, write_tar_gz
 from ft.bundle import BundleError, verify
+from ft.bundle.archive import safe_extract, write_tar_gz
 from ft.errors import FtError
 
 

@@ -209,7 +209,7 @@ def test_a_real_full_tmpfs_under_training(tmp_path, monkeypatch, capsys, tiny_mo
         monkeypatch.chdir(tmp_path)
         # The start-up disk check would refuse this disk; here it fills up while training (as when
         # something else writes to it), which no check at start-up can rule out.
-        monkeypatch.setattr("ft.preflight.gate", lambda *args, **kwargs: [], raising=False)
+        monkeypatch.setattr("ft.sizing.preflight.gate", lambda *args, **kwargs: [], raising=False)
         args = ["train", *SHORT, "--set", "train.max_steps=12", "--set", f"output.dir={mnt}"]
         code, line = ft(capsys, *args, "--set", "output.run_name=t")
         run = mnt / "t"

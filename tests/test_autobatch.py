@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ft import autobatch
-from ft.autobatch import accumulation_for, is_oom, step_down
 from ft.errors import FtError
+from ft.sizing import autobatch
+from ft.sizing.autobatch import accumulation_for, is_oom, step_down
 
 
 def cuda_oom(msg: str = "CUDA out of memory. Tried to allocate 2.00 GiB") -> Exception:
@@ -192,7 +192,7 @@ def test_log_callback_reports_each_retry():
 
 def test_oom_detection_does_not_import_torch():
     code = (
-        "import sys; from ft.autobatch import is_oom, free_memory; "
+        "import sys; from ft.sizing.autobatch import is_oom, free_memory; "
         "print(is_oom(RuntimeError('CUDA error: out of memory')), is_oom(ValueError('x'))); free_memory(); "
         "print('torch' in sys.modules)"
     )

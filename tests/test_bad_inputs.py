@@ -47,14 +47,14 @@ def make_input(path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
         path.chmod(0)
         if os.geteuid() == 0:
             # root reads through chmod 000; make the OS answer as it would for anyone else
-            import ft.datafiles
+            import ft.data.files
 
             def refuse(file, *args, **kwargs):
                 if Path(file).name == path.name:
                     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
                 return open(file, *args, **kwargs)
 
-            monkeypatch.setattr(ft.datafiles, "open", refuse, raising=False)
+            monkeypatch.setattr(ft.data.files, "open", refuse, raising=False)
     else:
         raise ValueError(f"unknown make kind {kind!r}")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ft import bundle, signing
-from ft.bundle import BundleError, package, pickle_problem, verify
+from ft import bundle
+from ft.bundle import BundleError, package, pickle_problem, signing, verify
 from ft.errors import FtError
 
 ENDED = "2026-11-02T10:20:30Z"

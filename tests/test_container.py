@@ -332,7 +332,7 @@ def test_locks_honour_the_exact_pins_of_pyproject():
 
 
 def test_preflight_flavours_match_the_lock_inputs():
-    from ft import preflight
+    from ft.sizing import preflight
 
     assert set(preflight.DRIVER_FLOOR) == {"cu130", "cu128"}
     assert "torch==2.13.0" in (ROOT / "env/cu130.in").read_text()

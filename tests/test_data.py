@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ft.data import DataError, Example, check, render_report
-from ft.datashapes import RowProblem, normalise
+from ft.data.shapes import RowProblem, normalise
 from ft.fsutil import sha256_file
 from ft.testing import ticket_rows
 

@@ -1,11 +1,11 @@
-"""ft.encode: labels cover exactly the assistant turns (content + end of turn), truncation, eval prompts."""
+"""ft.data.encode: labels cover exactly the assistant turns (content + end of turn), truncation, eval prompts."""
 
 from __future__ import annotations
 
 import pytest
 
 from ft.data import Example
-from ft.encode import IGNORE, encode, prompt_and_reference
+from ft.data.encode import IGNORE, encode, prompt_and_reference
 from ft.errors import FtError
 
 END = "<|im_end|>\n"  # what the tiny model's ChatML template closes every turn with

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from ft.config import EvalSettings
-from ft.metrics import decide, exact_match, parse_json, score, token_f1
+from ft.eval.metrics import decide, exact_match, parse_json, score, token_f1
 from ft.testing import TICKET_SCHEMA
 
 

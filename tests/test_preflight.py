@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from ft import preflight
 from ft.errors import FtError
-from ft.preflight import GiB, Gpu
+from ft.sizing import preflight
+from ft.sizing.preflight import GiB, Gpu
 
 H100_580 = "0, NVIDIA H100 80GB HBM3, 580.65.06, 81559, 80000\n"
 RTX4090_550 = (

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from ft.bundle import BundleError, package
-from ft.reproduce import EnvDiff, compare_env, compare_metrics, env_facts, load_bundle, render_reproduce
+from ft.bundle.reproduce import (
+    EnvDiff,
+    compare_env,
+    compare_metrics,
+    env_facts,
+    load_bundle,
+    render_reproduce,
+)
 
 ENV = {
     "python": "3.11.7",

@@ -1,7 +1,7 @@
 """Resume after a hard kill, and the refusal to resume onto a changed recipe or changed data.
 
 A kill is real: `ft train` runs in a subprocess with the test-only hook `FT_TEST_KILL_AT=
-"<where>:<step>:<phase>"` (see ft/train.py), which SIGKILLs the process at that point -- mid-step (after
+"<where>:<step>:<phase>"` (see ft/train/__init__.py), which SIGKILLs the process at that point -- mid-step (after
 backward, before the optimizer step), at a step's end, half-way through a metrics line, at each stage
 of a checkpoint write (between files, before the marker, before the rename, before and during pruning)
 and while the final adapter is staged. Then `ft train --resume auto` runs on the same run directory,

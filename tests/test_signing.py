@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ft import signing
+from ft.bundle import signing
 from ft.errors import FtError
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from ft import sizing
 from ft.errors import FtError
-from ft.gpus import CATALOGUE, GIB, parse_amount, parse_gpu
+from ft.sizing.gpus import CATALOGUE, GIB, parse_amount, parse_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +295,7 @@ def test_unknown_gpu_name_suggests():
 
 
 def test_device_names_match_catalogue():
-    from ft.gpus import match_name
+    from ft.sizing.gpus import match_name
 
     assert match_name("NVIDIA H100 80GB HBM3", 80 * GIB).name == "h100"
     assert match_name("NVIDIA A100-SXM4-40GB", 40 * GIB).name == "a100-40gb"
@@ -350,7 +350,7 @@ def test_nothing_fits_on_a_tiny_card(gpu_settings):
 
 
 def test_report_without_gpu_is_prediction_only(gpu_settings, monkeypatch):
-    monkeypatch.setattr("ft.gpus.detect", lambda: None)
+    monkeypatch.setattr("ft.sizing.gpus.detect", lambda: None)
     r = sizing.size_report(gpu_settings(), micro_batch=4)
     assert r.gpu is None and r.fits is None and r.max_micro_batch is None
     assert r.estimate.inputs["micro_batch"] == 4
@@ -470,7 +470,7 @@ def test_cli_errors_are_one_line_exit_2(argv, starts, capsys, monkeypatch):
 def test_cli_sizes_a_local_7b_config_against_a_named_gpu(tmp_path, capsys, monkeypatch):
     from ft.cli import main
 
-    monkeypatch.setattr("ft.gpus.detect", lambda: None)
+    monkeypatch.setattr("ft.sizing.gpus.detect", lambda: None)
     d = tmp_path / "qwen7b"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(sizing.PRESETS["qwen2.5-7b"].to_config()))

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ft.config import resolve_path
 from ft.errors import FtError
-from ft.metrics import average, decide, score
+from ft.eval.metrics import average, decide, score
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _eval_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) ->
 def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backend: str) -> EvalOutcome:
     """Generate for base and tuned on `examples`, score both and decide."""
     from ft import backends
-    from ft.encode import encode, prompt_and_reference
+    from ft.data.encode import encode, prompt_and_reference
 
     if not examples:
         raise FtError("eval: no held-out rows to evaluate; add data.eval files or raise data.eval_fraction")

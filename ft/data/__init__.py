@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft.datafiles import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_rows
-from ft.datareport import Tallies, Tally, build_report, render_report
-from ft.datashapes import RowProblem, extract_label, normalise, show
+from ft.data.files import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_rows
+from ft.data.report import Tallies, Tally, build_report, render_report
+from ft.data.shapes import RowProblem, extract_label, normalise, show
 from ft.errors import FtError, located
 
 __all__ = ["CheckResult", "DataError", "Example", "check", "render_report"]
@@ -210,7 +210,7 @@ def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: 
 
 def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
     """Set `tokens` on every row: one template render per row, tokenised in large batches."""
-    from ft.encode import render_each, template_problem, token_lengths
+    from ft.data.encode import render_each, template_problem, token_lengths
 
     for lo in range(0, len(rows), BATCH):
         batch = rows[lo : lo + BATCH]
@@ -281,7 +281,7 @@ def _nothing_fits(where: str, rows: list[Example], max_len: int, policy: str) ->
 
 
 def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> list[Example]:
-    from ft.encode import generation_header, render_chats, token_lengths
+    from ft.data.encode import generation_header, render_chats, token_lengths
 
     prompts = []
     for ex in rows:

@@ -4,7 +4,7 @@ A bundle is a directory (and a deterministic .tar.gz of it) whose MANIFEST.json 
 path, sha256 and size; anyone can recompute it with `sha256sum`, and `ft verify` does so and names the
 first file that changed, went missing or appeared. The manifest is written last, so a directory without
 one is not a bundle. An optional Ed25519 signature over the manifest's bytes (MANIFEST.json.sig, see
-`ft.signing`) vouches for who sealed it. Bundles hold no pickles: loading a pickle runs code, so
+`ft.bundle.signing`) vouches for who sealed it. Bundles hold no pickles: loading a pickle runs code, so
 weights and state travel as safetensors or JSON and anything else is refused at both ends.
 """
 
@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ft import signing
-from ft.archive import safe_extract, write_tar_gz
+from ft.bundle import signing
+from ft.bundle.archive import safe_extract, write_tar_gz
 from ft.errors import FtError
 from ft.fsutil import CHUNK, atomic_dir, dumps_json, sha256_file, write_bytes, write_text
 

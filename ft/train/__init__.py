@@ -1,7 +1,7 @@
 """Trainer assembly, atomic checkpoints and resume.
 
 TRL's SFTTrainer drives the loop on pre-tokenised rows (input_ids + labels masked to assistant tokens,
-built by `ft.encode`). What ft adds on top:
+built by `ft.data.encode`). What ft adds on top:
 
 - checkpoints are staged in a hidden sibling, fsynced, stamped with a marker (`ft-checkpoint.json`,
   written last) and renamed into `checkpoints/step-NNNNNN`; only marked checkpoints are ever resumed;

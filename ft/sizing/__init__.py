@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ft.errors import FtError
-from ft.gpus import GIB, Gpu
+from ft.sizing.gpus import GIB, Gpu
 
 # -- constants, each with its source -------------------------------------------------------------------
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default; Unsloth uses the same)
@@ -830,7 +830,7 @@ def size_report(
     backend: (name, reason) of the backend training will use, when the caller already chose it; else
     it is resolved the way `backend: auto` would resolve on a CUDA machine (`resolve_backend`).
     """
-    from ft import gpus
+    from ft.sizing import gpus
 
     if micro_batch is not None and micro_batch < 1:
         raise FtError(f"--micro-batch {micro_batch}: must be at least 1")
