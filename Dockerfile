@@ -7,7 +7,9 @@
 # CUDA's userland (runtime, cuBLAS, cuDNN, NCCL) comes from the nvidia-* wheels pinned in
 # lockfiles/<FLAVOUR>.txt, so the host needs only the NVIDIA driver and the NVIDIA Container Toolkit.
 # BASE_IMAGE's default is env/base-image.txt (a test keeps the two equal). CI, which reaches no
-# registry, passes a debootstrapped bookworm instead; an nvidia/cuda base works through the same ARG.
+# registry, passes a debootstrapped bookworm instead. Any other base must be Debian 12 (bookworm) too:
+# the locks hold cp311 wheels, and nvidia/cuda's Ubuntu bases ship Python 3.10 or 3.12 (the python
+# stage stops there); CUDA comes from the wheels, so such a base would add nothing.
 # No `# syntax=` line on purpose: it would pull a frontend image; the engine's built-in BuildKit
 # frontend understands the RUN --mount flags used here.
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
@@ -22,25 +24,34 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && case "$(python3 -V)" in "Python 3.11."*) ;; \
+      *) echo "this base has $(python3 -V); the locks need Python 3.11 (a Debian 12 base)" >&2; exit 1 ;; esac
 
 # ---- builder: a venv filled from the lock before any source arrives, so code edits reuse this layer ---
 FROM python AS builder
 # hadolint ignore=DL3008
+# cmake and g++ build llama-cpp-python (`ft export`: GGUF conversion, quantisation, loading) from its locked
+# sdist, for the CPU; GGML_NATIVE=OFF so the image runs on CPUs other than the build machine's.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3-venv python3-dev gcc libc6-dev \
+ && apt-get install -y --no-install-recommends python3-venv python3-dev gcc g++ cmake libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_DEFAULT_TIMEOUT=180
+    PIP_DEFAULT_TIMEOUT=180 \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 ARG FLAVOUR=cu130
 COPY lockfiles/${FLAVOUR}.txt /opt/ft/requirements.lock
 # Optional build secrets, read only during this step and never stored in a layer:
 #   ca        an extra CA bundle, for networks that inspect TLS (pip fails certificate checks there)
 #   index_url a package index to use instead of pip's default (may carry credentials)
-# env/wheels is a --find-links folder; the CPU test image gets torch's CPU build there (no index has it).
-# --no-deps: the lock is complete, so nothing unhashed can sneak in; `pip check` proves it is consistent.
+# env/wheels is a --find-links folder; the CPU test image gets torch's CPU build there. When it is empty
+# (`docker compose run --rm smoke`), FLAVOUR=cpu takes that build from PyTorch's public CPU index, as PyPI
+# has no +cpu build; the lock's hash still decides which file is accepted.
+# --no-deps: the lock is complete, so nothing unhashed can sneak in; `pip check` proves it is consistent,
+# but for one requirement left out on purpose: cu130 has no xformers (unsloth requires it; the only build
+# is for torch 2.10 + CUDA 12.8, so Unsloth uses PyTorch's SDPA attention). Anything else fails the build.
 # The pip cache lives in a BuildKit cache mount, never in a layer (hence DL3042 does not apply).
 # hadolint ignore=DL3042
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -49,12 +60,32 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=env/wheels,target=/tmp/wheels \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && if [ -s /run/secrets/index_url ]; then PIP_INDEX_URL="$(cat /run/secrets/index_url)" && export PIP_INDEX_URL; fi \
- && pip install --require-hashes --no-deps --find-links /tmp/wheels -r /opt/ft/requirements.lock \
- && pip check
+ && torch_index="" \
+ && if [ "$FLAVOUR" = cpu ] && [ -z "$(find /tmp/wheels -name 'torch-*.whl')" ]; then \
+      torch_index=https://download.pytorch.org/whl/cpu; fi \
+ && pip install --require-hashes --no-deps --find-links /tmp/wheels \
+      ${torch_index:+--extra-index-url "$torch_index"} -r /opt/ft/requirements.lock \
+ && if ! pip check > /tmp/pip-check.txt; then \
+      cat /tmp/pip-check.txt; \
+      if grep -v -x 'unsloth [^ ]* requires xformers, which is not installed\.' /tmp/pip-check.txt; then exit 1; fi; \
+    fi \
+ && rm -f /tmp/pip-check.txt
 # ft itself, built with the locked setuptools (no build isolation, so no unhashed download).
 COPY pyproject.toml README.md /src/
 COPY ft /src/ft
 RUN pip install --no-cache-dir --no-deps --no-build-isolation --no-index /src
+# llama.cpp's converter is in the llama-cpp-python sdist, not its wheel: fetch the sdist the lock pins (its
+# hash checked by pip, then again by ft) and unpack the converter into the venv (ft.export.llamacpp).
+# hadolint ignore=DL3042
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    --mount=type=secret,id=index_url \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && if [ -s /run/secrets/index_url ]; then PIP_INDEX_URL="$(cat /run/secrets/index_url)" && export PIP_INDEX_URL; fi \
+ && sed -n '/^llama-cpp-python==/{N;s/\\\n */ /;p}' /opt/ft/requirements.lock > /tmp/llama.req \
+ && pip download --no-deps --no-binary :all: --require-hashes -r /tmp/llama.req -d /tmp/llama \
+ && python -m ft.export.llamacpp install /tmp/llama/llama_cpp_python-*.tar.gz \
+ && rm -rf /tmp/llama /tmp/llama.req
 
 # ---- runtime ------------------------------------------------------------------------------------------
 FROM python AS runtime

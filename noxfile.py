@@ -11,9 +11,11 @@ the Hugging Face libraries are forced offline, so a test that tried to download 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -42,21 +44,39 @@ def _print_versions(session: nox.Session, *tools: str) -> None:
         session.run(tool, "--version", silent=False, external=True)
 
 
+def _env_module(name: str):
+    """A standard-library helper from env/ (tests load the same file; env/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"ft_env_{name}", ROOT / "env" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_lock_install = _env_module("lock_install")
+
+
 def _find_links() -> list[str]:
     """The machine's local wheel folder (where the CPU torch build lives), if pip is configured with one.
 
     uv does not read pip's configuration, so it is passed on explicitly; the path never enters the repo.
     """
-    links = os.environ.get("PIP_FIND_LINKS", "").split()
-    return [arg for link in links for arg in ("--find-links", link)]
+    return _lock_install.find_links(os.environ.get("PIP_FIND_LINKS"))
 
 
 def install_locked(session: nox.Session) -> None:
-    """Install the exact CPU lock (hash-checked), then ft itself without touching the pins."""
+    """Install the exact CPU lock (hash-checked), then ft itself without touching the pins.
+
+    torch's CPU build comes from $PIP_FIND_LINKS when set, else from PyTorch's CPU index (env/lock_install.py).
+    """
     if not CPU_LOCK.is_file():
         session.error(f"{CPU_LOCK.relative_to(ROOT)} is missing: run `nox -s lock` first")
-    # With the uv backend `session.install` is `uv pip install`; both accept these flags.
-    session.install("--require-hashes", "--no-deps", *_find_links(), "-r", str(CPU_LOCK))
+    # With the uv backend `session.install` is `uv pip install`, otherwise pip's.
+    installer = "uv" if session.venv_backend == "uv" else "pip"
+    session.install(
+        *_lock_install.cpu_lock_install_args(
+            str(CPU_LOCK), find_links_env=os.environ.get("PIP_FIND_LINKS"), installer=installer
+        )
+    )
     session.install("--no-deps", "-e", ".")
 
 
@@ -64,6 +84,7 @@ def install_locked(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (offline, CPU). Extra arguments go to pytest."""
     install_locked(session)
+    _install_llama_converter(session)  # tests/test_export.py converts and loads GGUF for real
     _print_versions(session)
     session.run("python", "-m", "ft", "env", "--short", env=OFFLINE)
     session.run("pytest", "-m", "not slow and not gpu and not docker", *session.posargs, env=OFFLINE)
@@ -111,13 +132,48 @@ def smoke(session: nox.Session) -> None:
         session.error("smoke: ft run left no bundle archive")
     session.run("ft", "verify", str(archives[-1]), env=env)
     session.run("ft", "verify", str(archives[-1]).removesuffix(".tar.gz"), env=env)
+    # Issue 10: the smoke bundle through llama.cpp's real converter, quantiser and loader, checked and sealed.
+    _install_llama_converter(session)
+    bundle = str(archives[-1]).removesuffix(".tar.gz")
+    session.run("ft", "export", bundle, "--to", "all", env=env)
+    session.run("ft", "verify", str(work / "bundles" / "exports" / Path(bundle).name), env=env)
+
+
+def _install_llama_converter(session: nox.Session) -> None:
+    """Unpack llama.cpp's converter from the locked llama-cpp-python sdist (its wheel lacks it), hash-checked.
+
+    The sdist is fetched by pip against the lock's sha256 (install time, like the lock itself); ft checks the
+    same pin again (ft.export.llamacpp.SDIST_SHA256) and unpacks it into the session's environment.
+    """
+    import re
+
+    m = re.search(
+        r"^llama-cpp-python==(\S+) \\\n\s+--hash=(sha256:\w+)", CPU_LOCK.read_text(encoding="utf-8"), re.M
+    )
+    if not m:
+        session.error("lockfiles/cpu.txt does not pin llama-cpp-python")
+    tmp = Path(session.create_tmp()).resolve() / "llama-sdist"
+    tmp.mkdir(parents=True, exist_ok=True)
+    req = tmp / "req.txt"
+    req.write_text(f"llama-cpp-python=={m.group(1)} --hash={m.group(2)}\n", encoding="utf-8")
+    sdist = tmp / f"llama_cpp_python-{m.group(1)}.tar.gz"
+    if not sdist.is_file():
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        session.run(*pip, "--require-hashes", "-r", str(req), "-d", str(tmp), external=True)
+    session.run("python", "-m", "ft.export.llamacpp", "install", str(sdist))
 
 
 # -- the container (issue 3): lockfiles, the image, the image tested for real ---------------------------------
 # Each lock: pyproject.toml's runtime dependencies + env/<flavour>.in, plus these uv arguments. The CUDA
 # locks take torch's CUDA build from the package index; the CPU lock takes torch's CPU build from the
 # local wheel folder ($PIP_FIND_LINKS), so the CUDA locks must never see that folder.
-LOCKS = {"cpu": [], "cu128": ["--extra", "gpu"], "cu130": ["--extra", "gpu"]}
+# cu130 leaves out xformers (required by unsloth): the index's only build is for torch 2.10 + CUDA 12.8
+# and cannot load beside torch 2.13 + CUDA 13, so Unsloth uses PyTorch's SDPA attention either way.
+LOCKS = {
+    "cpu": [],
+    "cu128": ["--extra", "gpu"],
+    "cu130": ["--extra", "gpu", "--no-emit-package", "xformers"],
+}
 LOCK_TARGET = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]  # Debian 12's Python
 UV = "uv==0.13.9"
 DOCKER_SDK = "docker==7.2.0"
@@ -233,8 +289,17 @@ def image_smoke(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def export(session: nox.Session) -> None:
-    """Copy a sealed bundle out of ./bundles (`-- --from DIR`, `-- --volume NAME`) to build/export; verify it."""
+    """Copy a sealed bundle out of ./bundles (`-- --from DIR`, `-- --volume NAME`) to build/export; verify it;
+    then export its model to every format (`ft export --to all`: merged, GGUF f16/q8_0/q4_k_m, Modelfile),
+    load each back and score it, and verify the sealed export in build/export/exports/."""
     _image_helper(session, "export", *session.posargs, with_ft=True)
+    _install_llama_converter(session)
+    copied = max((ROOT / "build" / "export").glob("*.tar.gz"), key=lambda p: p.stat().st_mtime, default=None)
+    if copied is None:
+        session.error("export: no bundle archive in build/export")
+    session.run("ft", "export", str(copied), "--to", "all", env=OFFLINE)
+    name = copied.name.removesuffix(".tar.gz")
+    session.run("ft", "verify", str(ROOT / "build" / "export" / "exports" / name), env=OFFLINE)
 
 
 @nox.session(python=PYTHON)
@@ -267,19 +332,23 @@ def _gpu_env(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """GPU benchmark: `ft train` on Unsloth vs transformers+peft+bitsandbytes on random-weight Qwen2.5
-    0.5B/1.5B/7B shapes, with `ft size`'s prediction beside each measured peak -> benchmarks/results/
-    (bench.json, bench.md). Arguments go to benchmarks/bench_gpu.py (`-- --only 7b`, `-- --list`)."""
+    """GPU benchmark, parts (c) and (d) of benchmarks/gpu_check.py: the 7B shape at 2 x 2048 on Unsloth, on
+    transformers+peft+bitsandbytes and as a bare Unsloth loop, and `ft size`'s prediction beside measured
+    peaks of 0.5B/1.5B/7B shapes -> build/bench/ (gpu-check.json, gpu-check.md). Arguments go to the
+    script (`-- --plan`, `-- --budget 900`); the whole sweep is `python benchmarks/bench_gpu.py`."""
     _gpu_env(session)
     _print_versions(session)
-    session.run("python", "benchmarks/bench_gpu.py", *session.posargs, env=OFFLINE)
+    check = ["benchmarks/gpu_check.py", "--parts", "bench,size", "--out", "build/bench"]
+    session.run("python", *check, *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON, default=False)
 def gpu(session: nox.Session) -> None:
-    """The tests marked `gpu` (tests/gpu: Unsloth trains and saves a PEFT adapter, `ft size --probe`)."""
+    """Parts (a) and (b) of benchmarks/gpu_check.py: the tests marked `gpu` (tests/gpu), then `ft run` and
+    `ft verify` on both backends -> build/gpu/ (gpu-check.json, gpu-check.md). Arguments go to the script."""
     _gpu_env(session)
     if session.venv_backend != "none":
         session.install(GPU_PYTEST)
     _print_versions(session)
-    session.run("pytest", "-m", "gpu", "tests/gpu", *session.posargs, env=OFFLINE)
+    check = ["benchmarks/gpu_check.py", "--parts", "tests,run", "--out", "build/gpu"]
+    session.run("python", *check, *session.posargs, env=OFFLINE)

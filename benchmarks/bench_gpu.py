@@ -16,6 +16,9 @@ is torch.cuda.max_memory_allocated() over the steady-state steps, after reset_pe
     python benchmarks/bench_gpu.py --list                    # the planned runs and their ids
     python benchmarks/bench_gpu.py --only 7b --out results/  # runs whose id contains "7b"
     python benchmarks/bench_gpu.py --dry-run --out /tmp/b    # CPU: configs + predicted sizing table only
+
+benchmarks/gpu_check.py runs a budgeted subset of these workers (the throughput point and a small sizing
+grid) with the GPU tests and `ft run`, in one offline command (`nox -s bench`, `nox -s gpu`).
 """
 
 from __future__ import annotations
@@ -84,12 +87,12 @@ def plan(args) -> list[dict]:
     runs = []
     for model, micro, seq in _throughput(args.throughput):
         for kind, backend in (("ft", "unsloth"), ("ft", "hf"), ("bare", "unsloth")):
-            runs.append(_spec("throughput", kind, backend, model, micro, seq, args.warmup, args.steps))
+            runs.append(make_spec("throughput", kind, backend, model, micro, seq, args.warmup, args.steps))
     for model in args.models.split(","):
         for micro, seq in _points(args.sweep_points):
             for backend in ("unsloth", "hf"):
                 runs.append(
-                    _spec("sweep", "ft", backend, model, micro, seq, args.sweep_warmup, args.sweep_steps)
+                    make_spec("sweep", "ft", backend, model, micro, seq, args.sweep_warmup, args.sweep_steps)
                 )
     if args.only:
         wanted = args.only.split(",")
@@ -97,7 +100,8 @@ def plan(args) -> list[dict]:
     return runs
 
 
-def _spec(group, kind, backend, model, micro, seq, warmup, steps) -> dict:
+def make_spec(group, kind, backend, model, micro, seq, warmup, steps) -> dict:
+    """One measurement: `kind` "ft" (ft's training loop) or "bare" (Unsloth + TRL alone)."""
     rid = f"{group}-{kind}-{backend}-{model}-{micro}x{seq}"
     return {
         "id": rid,
@@ -289,7 +293,7 @@ def run_bare(spec: dict, model_dir: Path, out_dir: Path, record: dict) -> None:
     data = Dataset.from_dict(
         {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
     )
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # as ft decides: no emulated bf16
     args = SFTConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=spec["micro"],
@@ -375,41 +379,82 @@ def predict(spec: dict, gpu_bytes: int | None) -> sizing.SizeEstimate:
     )
 
 
+def subprocess_env() -> dict:
+    """This environment with the checkout first on PYTHONPATH (ft need not be installed)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def call(cmd: list[str], *, timeout: float, env: dict, cwd=None, log: Path | None = None) -> int | None:
+    """Run `cmd` in its own process group; on timeout kill the whole group (a worker's children hold GPU
+    memory too) and return None, else the exit status. Output goes to `log` (appended) or is inherited."""
+    import signal
+
+    out = open(log, "ab") if log else None  # noqa: SIM115  (closed below, after the child exits)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+    finally:
+        if out:
+            out.close()
+
+
+def ensure_model(
+    preset: str, models_dir: Path, *, env: dict, timeout: float, log: Path | None = None
+) -> Path:
+    """The random-weight model of `preset` under models_dir, built (GPU, own process) if not there yet."""
+    model_dir = models_dir / preset
+    if not (model_dir / ".complete").is_file():
+        cmd = [sys.executable, __file__, "--build-model", preset, "--model-dir", str(model_dir)]
+        rc = call(cmd, timeout=timeout, env=env, log=log)
+        if rc != 0:
+            why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
+            raise RuntimeError(f"building the random-weight {preset} model failed ({why})")
+    return model_dir
+
+
+def run_spec(
+    spec: dict, model_dir: Path, path: Path, *, env: dict, timeout: float, log=None, cwd=None
+) -> dict:
+    """One measurement in its own process; the worker's record, or one that says why there is none."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--model-dir", str(model_dir)]
+    rc = call([*cmd, "--result", str(path)], timeout=timeout, env=env, log=log, cwd=cwd)
+    if rc is None:
+        path.write_text(json.dumps({"spec": spec, "error": f"timeout after {timeout:.0f} s"}))
+    elif not path.is_file():
+        path.write_text(
+            json.dumps({"spec": spec, "error": f"worker died without a result (exit status {rc})"})
+        )
+    return json.loads(path.read_text())
+
+
 def run_all(args) -> list[dict]:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     models_dir = Path(args.models_dir)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     results = []
     for spec in plan(args):
         path = out / "runs" / f"{spec['id']}.json"
         if not path.is_file():
-            model_dir = models_dir / spec["model"]
-            if not (model_dir / ".complete").is_file():
-                print(f"building random-weight {spec['model']} in {model_dir}", flush=True)
-                subprocess.run(
-                    [sys.executable, __file__, "--build-model", spec["model"], "--model-dir", str(model_dir)],
-                    check=True,
-                    env=env,
-                )
+            if not (models_dir / spec["model"] / ".complete").is_file():
+                print(f"building random-weight {spec['model']} in {models_dir / spec['model']}", flush=True)
+            model_dir = ensure_model(spec["model"], models_dir, env=env, timeout=args.timeout)
             print(f"running {spec['id']}", flush=True)
             t = time.perf_counter()
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                json.dumps(spec),
-                "--model-dir",
-                str(model_dir),
-                "--result",
-                str(path),
-            ]
-            try:
-                subprocess.run(cmd, env=env, timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                path.write_text(json.dumps({"spec": spec, "error": f"timeout after {args.timeout} s"}))
-            if not path.is_file():
-                path.write_text(json.dumps({"spec": spec, "error": "worker died without a result"}))
+            run_spec(spec, model_dir, path, env=env, timeout=args.timeout)
             print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
         results.append(json.loads(path.read_text()))
     return results
@@ -426,11 +471,14 @@ def _gib(x) -> str:
     return "—" if x is None else f"{x / GIB:.2f}"
 
 
-def sizing_rows(results: list[dict] | None, specs: list[dict], gpu_bytes: int | None) -> list[dict]:
+def sizing_rows(
+    results: list[dict] | None, specs: list[dict], gpu_bytes: int | None, groups: tuple[str, ...] = ("sweep",)
+) -> list[dict]:
+    """`ft size`'s prediction beside the measured peak, one row per `ft` run of the given groups."""
     by_id = {r["spec"]["id"]: r for r in results or []}
     rows = []
     for spec in specs:
-        if spec["group"] != "sweep":
+        if spec["group"] not in groups or spec["kind"] != "ft":
             continue
         r = by_id.get(spec["id"], {})
         mem = r.get("device_memory_bytes", gpu_bytes)

@@ -110,13 +110,12 @@ def cmd_data_check(args) -> int:
     from ft import data
     from ft.pipeline import check_data
 
-    try:
-        prep = check_data(settings)
-    except data.DataError as exc:
-        if args.verbose:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
-        raise
+    def show(problem: str) -> None:  # -v: every problem as it is found, however many
+        from ft.secrets import redact
+
+        print(redact(problem), file=sys.stderr, flush=True)
+
+    prep = check_data(settings, on_problem=show if args.verbose else None)
     _out(json.dumps(prep.check.report, indent=2) if args.json else data.render_report(prep.check.report))
     return 0
 
@@ -124,6 +123,9 @@ def cmd_data_check(args) -> int:
 def cmd_size(args) -> int:
     from ft import sizing
 
+    if args.list_models:
+        _out(json.dumps(sizing.preset_table(), indent=2) if args.json else sizing.render_presets())
+        return 0
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
@@ -161,29 +163,27 @@ def cmd_size(args) -> int:
     return 0
 
 
-def _prepare_run(args, settings):
-    """Check the data, then reuse an unfinished run (--resume) or create a new one."""
+def _prepare_run(args, settings, finished):
+    """Check the data, then the run: --run-dir, an unfinished one (--resume) or a new one."""
     from ft import pipeline
 
-    prep = pipeline.check_data(settings)
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    if run_dir is None and args.resume not in (None, "no"):
-        run_dir = pipeline.find_resumable_run(settings)
-    if run_dir is None or not run_dir.exists():
-        run_dir = pipeline.create_run(prep)
+    prep, run_dir, new = pipeline.prepare_run(
+        settings, run_dir=args.run_dir, resume=args.resume, finished=finished
+    )
     _out(f"run directory: {run_dir}")
-    return prep, run_dir
+    return prep, run_dir, new
 
 
 def cmd_train(args) -> int:
-    from ft import backends, pipeline
+    from ft import pipeline
     from ft.sizing import preflight
 
     settings = _settings(args)
-    preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded
-    backends.prepare(settings)  # first: Unsloth must be imported before the data check loads transformers
-    prep, run_dir = _prepare_run(args, settings)
-    result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
+    # GPU, driver and disk; then the backend (Unsloth imported before anything loads transformers or
+    # initialises CUDA); then VRAM by the sizing model
+    preflight.gate(settings)
+    prep, run_dir, new = _prepare_run(args, settings, pipeline.FINISHED_TRAINING)
+    result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force, new_run=new)
     _out(
         f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.runtime_s:.1f} s, backend {result.backend})"
     )
@@ -227,7 +227,10 @@ def cmd_verify(args) -> int:
     from ft import bundle
 
     report = bundle.verify(
-        Path(args.bundle), key=Path(args.key) if args.key else None, raise_on_failure=False
+        Path(args.bundle),
+        key=Path(args.key) if args.key else None,
+        require_signature=args.require_signature,
+        raise_on_failure=False,
     )
     if not report.ok:
         print(report.render(), file=sys.stderr)
@@ -247,31 +250,76 @@ def cmd_keygen(args) -> int:
 def cmd_reproduce(args) -> int:
     from ft.bundle.reproduce import reproduce
 
-    outcome = reproduce(Path(args.bundle), Path(args.work))
+    outcome = reproduce(
+        Path(args.bundle),
+        Path(args.work),
+        key=Path(args.key) if args.key else None,
+        trust_remote_code=args.trust_remote_code,
+    )
     _out(outcome.render())
     return 0 if outcome.passed else 3
 
 
 def cmd_run(args) -> int:
-    from ft import backends, pipeline
+    from ft import pipeline
     from ft.sizing import preflight
 
     settings = _settings(args)
-    preflight.gate(settings)  # GPU, driver, VRAM and disk, before anything heavy is loaded
-    backends.prepare(settings)  # first: Unsloth must be imported before the data check loads transformers
-    prep, run_dir = _prepare_run(args, settings)
+    # GPU, driver and disk; then the backend (Unsloth imported before anything loads transformers or
+    # initialises CUDA); then VRAM by the sizing model
+    preflight.gate(settings)
+    prep, run_dir, new = _prepare_run(args, settings, pipeline.FINISHED_RUN)
     meta = pipeline.read_run(run_dir)
     if meta.get("status") not in ("trained", "complete"):
-        pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force)
+        pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force, new_run=new)
     report = pipeline.eval_stage(prep, run_dir)
     _out((run_dir / "decision.md").read_text(encoding="utf-8"))
     if not args.no_package:
         from ft.bundle import render_package
 
-        _out(
-            render_package(pipeline.package_stage(settings, run_dir, include_data=args.include_data or None))
-        )
+        bundle_dir = pipeline.package_stage(settings, run_dir, include_data=args.include_data or None)
+        _out(render_package(bundle_dir))
+        if settings.export.formats and report["decision"]["verdict"] == "KEEP":  # export.formats: last step
+            _export(bundle_dir, settings.export.formats, None, None, force=False)
     return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
+
+
+def _export(target: Path, formats, quants, out, *, force: bool) -> None:
+    from ft import export
+
+    result = export.export(
+        target, export.parse_formats(formats), out_dir=out, quantizations=quants, force=force
+    )
+    _out((result.bundle / "export" / "report.md").read_text(encoding="utf-8"))
+    _out(f"export sealed in {result.bundle} (`ft verify {result.bundle}`)")
+    if result.breaches:
+        raise FtError(export.breach_message(result))
+
+
+def cmd_export(args) -> int:
+    from ft.pipeline import settings_of_run
+
+    target = Path(args.target)
+    formats = args.to
+    if formats is None:  # the recipe's export.formats, else everything
+        run_like = target if target.is_dir() else None
+        recipe_formats = (
+            settings_of_run(run_like).export.formats
+            if run_like and (run_like / "recipe.resolved.yaml").is_file()
+            else []
+        )
+        formats = recipe_formats or "all"
+    quants = [q for q in args.quant.split(",") if q] if args.quant is not None else None
+    _export(target, formats, quants, Path(args.out) if args.out else None, force=args.force)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from ft.export.push import push
+
+    url = push(Path(args.bundle), args.repo, what=args.what, private=args.private, revision=args.revision)
+    _out(f"pushed {args.what} of {args.bundle} to {url}")
+    return 0
 
 
 # -- parser -------------------------------------------------------------------------------------------
@@ -338,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
     p.add_argument(
-        "--model", help="Hub id, local directory or preset (e.g. qwen2.5-7b); default: the recipe's"
+        "--model",
+        help="Hub id, local directory or built-in shape (e.g. qwen2.5-7b; see --list-models); "
+        "default: the recipe's",
     )
     p.add_argument("--seq", type=int, help="sequence length (default: train.max_seq_length)")
     p.add_argument(
@@ -350,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu", help="GPU to size against: the one present, a size (24GiB, 80GB) or a name (rtx4090, h100)"
     )
     p.add_argument("--probe", action="store_true", help="also run a few real steps on the GPU and measure")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--list-models",
+        action="store_true",
+        help="list the built-in model shapes (usable as --model NAME, offline) and exit",
+    )
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
     p = _sub(
         subs,
@@ -368,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ft eval runs/tiny-20261122-101500-1a2b3c4d",
         cmd_eval,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory (runs/NAME)")
     p.add_argument("--strict", action="store_true", help="exit with 3 when the verdict is DISCARD")
 
     p = _sub(
@@ -378,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ft package runs/tiny-20261122-101500-1a2b3c4d",
         cmd_package,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an evaluated run directory (runs/NAME)")
     p.add_argument("--out", help="bundle directory (default: output.bundle_dir)")
     p.add_argument("--include-data", action="store_true", help="copy the data files into the bundle")
     p.add_argument(
@@ -392,8 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ft verify bundles/tiny-20261122-101500-1a2b3c4d.tar.gz --key ft.pub",
         cmd_verify,
     )
-    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory or its .tar.gz")
     p.add_argument("--key", help="public key (PEM) that must have signed MANIFEST.json")
+    p.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="fail unless the bundle is signed and the signature was checked with --key",
+    )
 
     p = _sub(
         subs,
@@ -402,14 +462,24 @@ def build_parser() -> argparse.ArgumentParser:
         "ft reproduce bundles/tiny-20261122-101500-1a2b3c4d.tar.gz",
         cmd_reproduce,
     )
-    p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--work", default="reproduce", help="where to re-run (default: ./reproduce)")
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory or its .tar.gz (verified first)")
+    p.add_argument(
+        "--work",
+        default="reproduce",
+        help="where to re-run; each run gets a fresh WORK/<bundle>-<n>/ (default: ./reproduce)",
+    )
+    p.add_argument("--key", help="signer's public key (PEM): the bundle's signature must verify with it")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a recipe with model.trust_remote_code (Hub model code); needs a signature checked by --key",
+    )
 
     p = _sub(
         subs, "keygen", "make an Ed25519 key pair for signing bundles", "ft keygen ft.key ft.pub", cmd_keygen
     )
-    p.add_argument("private")
-    p.add_argument("public")
+    p.add_argument("private", metavar="PRIVATE", help="where to write the private key (PEM; keep it secret)")
+    p.add_argument("public", metavar="PUBLIC", help="where to write the public key (PEM; share it)")
 
     p = _sub(
         subs, "env", "print the environment manifest recorded with every result", "ft env --json", cmd_env
@@ -426,10 +496,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", nargs="?", help="show this recipe fully resolved")
     p.add_argument("--reference", action="store_true", help="every setting with its default and meaning")
+
+    p = _sub(
+        subs,
+        "export",
+        "export a bundle's model (merged safetensors, GGUF, Ollama Modelfile), each loaded back and scored",
+        "ft export bundles/tiny-20260101-abc123 --to all",
+        cmd_export,
+    )
+    p.add_argument("target", help="a bundle (directory or .tar.gz) or a finished run directory")
+    p.add_argument("--to", help="merged,gguf,ollama or all (default: the recipe's export.formats, else all)")
+    p.add_argument("--quant", help="GGUF quantisations, comma-separated (default: export.quantizations)")
+    p.add_argument(
+        "--out", help="directory for the sealed export bundle (default: exports/ beside the bundle)"
+    )
+    p.add_argument("--force", action="store_true", help="export even if the evaluation verdict was not KEEP")
+
+    p = _sub(
+        subs,
+        "push",
+        "upload a bundle's adapter or export to the Hugging Face Hub with a generated model card (HF_TOKEN)",
+        "ft push bundles/tiny-20260101-abc123 --repo user/tickets-json",
+        cmd_push,
+    )
+    p.add_argument("bundle", help="a sealed bundle directory (for merged/gguf: its export bundle)")
+    p.add_argument("--repo", required=True, help="Hub repository id, user/name")
+    p.add_argument("--what", choices=["adapter", "merged", "gguf"], default="adapter", help="what to upload")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to upload to (default: main)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ft import quiet
+
+    quiet.install()  # third-party log lines that are noise for a user, before any library logs
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -448,11 +549,13 @@ def main(argv: list[str] | None = None) -> int:
         # `ft ... | head`: the reader left; exit quietly like other Unix tools (stdout is gone).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # ft.train.signals.Interrupted says what was saved and its exit code
+        message = getattr(exc, "message", None)
         print(
-            "interrupted; a complete checkpoint, if any, can be resumed with --resume auto", file=sys.stderr
+            message or "interrupted; a complete checkpoint, if any, can be resumed with --resume auto",
+            file=sys.stderr,
         )
-        return 130
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a readable line
         if args.debug:
             raise

@@ -28,7 +28,8 @@ LOWER_IS_BETTER = {"eval_loss"}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `inf`/`nan` would pass `gt=0` checks and fail deep inside training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(Section):
@@ -134,6 +135,12 @@ class DataSettings(Section):
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with rows longer than train.max_seq_length."
     )
+    max_row_chars: int = Field(
+        1_000_000,
+        gt=0,
+        description="Longest row accepted, in characters of message content; a longer row is an error, "
+        "found before anything is tokenised (~250k tokens of English: far past any context window).",
+    )
     duplicates: Literal["drop", "error", "keep"] = Field(
         "drop",
         description="Rows repeating an earlier conversation exactly: drop them, refuse the data, or keep them.",
@@ -148,7 +155,12 @@ class DataSettings(Section):
 
 class EvalSettings(Section):
     max_new_tokens: int = Field(128, gt=0, description="Longest generated answer per held-out prompt.")
-    batch_size: int = Field(8, gt=0, description="Prompts generated together (greedy, left-padded).")
+    batch_size: int = Field(
+        8,
+        gt=0,
+        description="Most prompts generated together (greedy, left-padded); on a GPU ft lowers it to what "
+        "the sizing model predicts fits and halves it on an out-of-memory.",
+    )
     max_examples: int | None = Field(None, gt=0, description="Evaluate at most this many held-out rows.")
     json_schema: dict[str, Any] | str | None = Field(
         None, description="JSON Schema (inline, or a file path / builtin:NAME) the answers must satisfy."
@@ -170,6 +182,25 @@ class ExportSettings(Section):
     include_data: bool = Field(False, description="Copy the data files into the bundle.")
     archive: bool = Field(True, description="Also write BUNDLE.tar.gz beside the bundle directory.")
     sign_key: str | None = Field(None, description="Ed25519 private key (PEM) to sign MANIFEST.json with.")
+    formats: list[Literal["merged", "gguf", "ollama"]] = Field(
+        default_factory=list,
+        description="What `ft run` exports after packaging (`ft export --to`): merged safetensors, GGUF "
+        "(f16 + `quantizations`), an Ollama Modelfile beside the GGUF. Empty: no export.",
+    )
+    quantizations: list[Literal["q8_0", "q4_k_m", "q4_0", "q5_0", "q5_k_m", "q6_k"]] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        description="GGUF quantisations made from the f16 GGUF; the Modelfile uses the first (f16 if none).",
+    )
+    max_metric_drop: dict[Literal["16bit", "8bit", "4bit"], float] = Field(
+        default_factory=lambda: {"16bit": 0.02, "8bit": 0.05, "4bit": 0.1},
+        description="Largest drop of any eval metric of an export below the adapter's, per format class: "
+        "16bit (merged, f16 GGUF), 8bit (q8_0), 4bit (q4_*, q5_*, q6_k); past it `ft export` fails.",
+    )
+
+    @field_validator("max_metric_drop")
+    @classmethod
+    def _all_classes(cls, v: dict[str, float]) -> dict[str, float]:
+        return {"16bit": 0.02, "8bit": 0.05, "4bit": 0.1, **v}
 
 
 class OutputSettings(Section):
@@ -187,6 +218,7 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_assignment=True,
         env_ignore_empty=True,
+        allow_inf_nan=False,
     )
 
     name: str = Field("custom", description="Name of the recipe; the run directory starts with it.")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -40,6 +41,12 @@ KEY_PACKAGES = (
 )
 # Written into the image at build time (see Dockerfile); absent outside the container.
 IMAGE_INFO = Path(os.environ.get("FT_IMAGE_INFO", "/etc/ft/image.json"))
+# The checkout's locks; outside an image, $FT_LOCKFILE (default cpu.txt) names the one installed.
+LOCK_DIR = Path(__file__).resolve().parent.parent / "lockfiles"
+# Installed beside a lock but never in it: ft itself (installed after the lock, from source) and the
+# venv's own installer. Everything else installed and not locked is a difference worth recording.
+NOT_LOCKED = frozenset({"ft", "pip"})
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", re.M)
 # Environment variables worth recording: they change what runs where. Nothing else is ever read.
 RECORDED_ENV = (
     "CUDA_VISIBLE_DEVICES",
@@ -179,12 +186,72 @@ def lockfile_facts(image: dict[str, Any] | None) -> dict[str, Any] | None:
     """The lock this environment was installed from: the image's, else the checkout's CPU lock."""
     if image and image.get("lockfile_sha256"):
         return {"name": image.get("lockfile"), "sha256": image["lockfile_sha256"], "source": "image"}
-    root = Path(__file__).resolve().parent.parent / "lockfiles"
     name = os.environ.get("FT_LOCKFILE", "cpu.txt")
-    path = root / name
+    path = LOCK_DIR / name
     if path.is_file():
         return {"name": name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "source": "checkout"}
     return None
+
+
+def normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares them (`typing_extensions` is `typing-extensions`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """{name: version} of every `name==version` pin in a hashed requirements lock."""
+    text = Path(path).read_text(encoding="utf-8")
+    return {normalise(name): version for name, version in _PIN.findall(text)}
+
+
+def lock_differences(locked: dict[str, str], installed: dict[str, str]) -> list[dict[str, str | None]]:
+    """What is installed at another version than locked, locked but missing, or installed but not locked."""
+    have = {normalise(name): version for name, version in installed.items()}
+    want = {normalise(name): version for name, version in locked.items()}
+    return [
+        {"name": name, "locked": want.get(name), "installed": have.get(name)}
+        for name in sorted(set(want) | set(have))
+        if name not in NOT_LOCKED and want.get(name) != have.get(name)
+    ]
+
+
+def lock_status(image: dict[str, Any] | None) -> str | list[dict[str, str | None]] | None:
+    """`matches` when the installed distributions are exactly the lock's, else what differs.
+
+    The lock compared is the one this environment claims (the image's installed lock, else the
+    checkout's), so a sha256 in the manifest never vouches for packages that are not the locked ones.
+    None when no lock is known (a plain `pip install` outside the checkout).
+    """
+    if image and image.get("lockfile_sha256"):
+        path = Path(image["lockfile_path"]) if image.get("lockfile_path") else None
+    else:
+        path = LOCK_DIR / os.environ.get("FT_LOCKFILE", "cpu.txt")
+    if path is None or not path.is_file():
+        return None
+    try:
+        locked = read_lock(path)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return lock_differences(locked, installed_distributions()) or "matches"
+
+
+def lock_summary(status: Any, limit: int = 5) -> str | None:
+    """One line for a recorded lock status (`ft env`, `ft reproduce`): "matches" or what differs."""
+    if status is None or status == "matches":
+        return status
+    if not isinstance(status, list):
+        return str(status)
+    shown = []
+    for d in (d for d in status[:limit] if isinstance(d, dict)):
+        name, locked, installed = d.get("name"), d.get("locked"), d.get("installed")
+        if locked is None:
+            shown.append(f"{name} {installed} installed, not locked")
+        elif installed is None:
+            shown.append(f"{name} {locked} locked, not installed")
+        else:
+            shown.append(f"{name} {locked} locked, {installed} installed")
+    more = f"; and {len(status) - limit} more" if len(status) > limit else ""
+    return "differs: " + "; ".join(shown) + more
 
 
 def capture(*, with_torch: bool = True, full: bool = True) -> dict[str, Any]:
@@ -202,6 +269,7 @@ def capture(*, with_torch: bool = True, full: bool = True) -> dict[str, Any]:
         "gpu": gpu_facts(with_torch),
         "packages": {name: _version(name) for name in KEY_PACKAGES},
         "lockfile": lockfile_facts(image),
+        "lock": lock_status(image),
         "image": image,
         "git_commit": git_commit() or (image or {}).get("git_commit"),
         "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
@@ -224,6 +292,15 @@ def digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _render_lock(status: Any, name: str | None) -> str:
+    if status is None:
+        return "- (no lock to compare with)"
+    if status == "matches":
+        return f"matches {name}: every installed distribution is the locked one"
+    summary = lock_summary(status) or ""
+    return f"differs from {name} in {len(status)} packages: {summary.removeprefix('differs: ')}"
+
+
 def render(manifest: dict[str, Any]) -> str:
     gpu = manifest["gpu"]
     gpus = ", ".join(d["name"] for d in gpu["devices"]) or "none"
@@ -237,6 +314,7 @@ def render(manifest: dict[str, Any]) -> str:
         "packages      " + ", ".join(f"{k} {v}" for k, v in pk.items() if v),
         "not installed " + (", ".join(k for k, v in pk.items() if not v) or "-"),
         f"lockfile      {lock.get('name', '-')} sha256:{(lock.get('sha256') or '-')[:16]} ({lock.get('source', '-')})",
+        "lock          " + _render_lock(manifest.get("lock"), lock.get("name")),
         f"image         {image.get('id') or image.get('flavour') or '-'}",
         f"git commit    {manifest.get('git_commit') or '-'}",
     ]

@@ -1,7 +1,14 @@
-"""Where a model comes from: a Hub id, a local directory, or `builtin:tiny-qwen2` (built offline)."""
+"""Where a model comes from: a Hub id, a local directory, or `builtin:tiny-qwen2` (built offline).
+
+A Hub id is checked with one request before transformers sees it: huggingface_hub retries a file it
+does not have cached five times with backoff (~25 s per file, one warning line per try), so an
+unreachable Hub would otherwise cost a minute of retry lines before any error. One failed request
+is enough to know: use the model's cached snapshot if there is one, else say so in one line.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -12,8 +19,11 @@ def is_builtin(name_or_path: str) -> bool:
     return name_or_path.startswith("builtin:")
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A local directory or Hub id that transformers can load; builds built-in models on first use."""
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> str:
+    """A local directory or Hub id that transformers can load; builds built-in models on first use.
+
+    For a Hub id while the Hub cannot be reached, the directory of its cached snapshot (at `revision`).
+    """
     if is_builtin(name_or_path):
         from ft.testing import TINY_MODEL, ensure_tiny_model
 
@@ -33,7 +43,41 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FtError(f"model.name_or_path: {name_or_path}: no such directory")
-    return name_or_path
+    if offline():
+        return name_or_path  # transformers reads the cache itself, without a request
+    return _hub_source(name_or_path, revision)
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_source(repo_id: str, revision: str | None) -> str:
+    """`repo_id` when the Hub answers; its cached snapshot when the Hub cannot be reached; else FtError."""
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return repo_id
+    try:
+        # One request, no retries (retry_on_errors defaults to False).
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, "config.json", revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
+        return repo_id
+    except httpx.TransportError as exc:  # refused, unresolvable, timed out, proxy or TLS failure
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status is None or status < 500:
+            return repo_id  # the Hub answered (missing, gated, ...): transformers says what is wrong
+        reason = f"HTTP {status}"
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise FtError(
+        f"model.name_or_path: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}) to download "
+        f"{repo_id!r}, and it is not in the local cache ({constants.HF_HUB_CACHE}); connect and run again "
+        "(then HF_HUB_OFFLINE=1 uses the cached copy), or point model.name_or_path at a local directory"
+    )
 
 
 def offline() -> bool:
@@ -55,9 +99,9 @@ def _not_found(name: str, exc: Exception) -> FtError:
 
 
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    path = resolve_model_path(name_or_path, revision)  # first: fails fast, before transformers loads
     from transformers import AutoConfig
 
-    path = resolve_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -66,9 +110,9 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's tokenizer with a pad token and a chat template, or a clear error."""
+    path = resolve_model_path(name_or_path, revision)  # first: fails fast, before transformers loads
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

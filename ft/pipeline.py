@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -41,14 +42,12 @@ def data_sha256(report: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def check_data(settings, tokenizer=None) -> Prepared:
+def check_data(settings, tokenizer=None, *, on_problem=None) -> Prepared:
+    """The data check; the tokenizer (a download, for a Hub model) is loaded only once the rows pass."""
     from ft import data
-    from ft.modelref import load_tokenizer
 
-    m = settings.model
-    tok = tokenizer or load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-    result = data.check(settings, tokenizer=tok)
-    return Prepared(settings, result, tok, data_sha256(result.report))
+    result = data.check(settings, tokenizer=tokenizer, on_problem=on_problem)
+    return Prepared(settings, result, result.tokenizer, data_sha256(result.report))
 
 
 def run_name(settings, digest: str) -> str:
@@ -58,20 +57,172 @@ def run_name(settings, digest: str) -> str:
     return f"{settings.name}-{stamp}-{digest[:8]}"
 
 
-def find_resumable_run(settings) -> Path | None:
-    """The newest unfinished run of this recipe under output.dir (for `--resume auto`)."""
+# Statuses after which a command has nothing left to do on a run without --resume.
+FINISHED_TRAINING = ("trained", "complete")  # `ft train`
+FINISHED_RUN = ("complete",)  # `ft run` (a trained run still needs its evaluation)
+
+# Output directories this process created for a run, removed again if that run is discarded.
+_made_output_dirs: set[Path] = set()
+
+
+def say(line: str) -> None:
+    """A progress line on the console (stderr, so stdout keeps only results)."""
+    from ft.secrets import redact
+
+    print(redact(line), file=sys.stderr, flush=True)
+
+
+def training_sha256(settings) -> str:
+    """sha256 of the settings that decide the trained weights: the recipe without the sections a resume
+    may change (output, export, eval, description). Equal values and equal data = the same training."""
+    from ft.train import RESUME_SAFE_KEYS
+
+    kept = {k: v for k, v in settings.to_dict().items() if k not in RESUME_SAFE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def find_resumable_run(settings, data_sha256: str, *, finished=FINISHED_TRAINING) -> Path | None:
+    """For `--resume auto`: output.run_name's run if set, else the newest unfinished run under output.dir
+    trained from the same settings and data, matched by the hashes recorded in its run.json."""
     root = Path(settings.output.dir)
     if settings.output.run_name:
         candidate = root / settings.output.run_name
         return candidate if (candidate / RUN_FILE).is_file() else None
     if not root.is_dir():
         return None
-    runs = []
+    key = training_sha256(settings)
+    matches = []
     for d in root.iterdir():
-        meta = read_run(d, missing_ok=True)
-        if meta and meta.get("name") == settings.name and meta.get("status") != "complete":
-            runs.append(d)
-    return max(runs, key=lambda d: d.name) if runs else None
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            meta = read_run(d, missing_ok=True)
+        except ValueError:  # a run.json torn by hand; not a run to continue
+            continue
+        if not isinstance(meta, dict) or meta.get("status") in finished:
+            continue
+        # Runs made before training_sha256 was recorded match on the whole recipe.
+        same = (
+            meta.get("training_sha256") == key
+            if "training_sha256" in meta
+            else meta.get("recipe_sha256") == settings.sha256
+        )
+        if same and meta.get("data_sha256") == data_sha256:
+            matches.append((str(meta.get("created", "")), d.name, d))
+    return max(matches)[2] if matches else None
+
+
+def open_run(
+    prep: Prepared, *, run_dir: str | None = None, resume: str | None = None, finished=FINISHED_TRAINING
+) -> tuple[Path, bool]:
+    """The run directory a train/run command works in, and whether it was just created.
+
+    `--run-dir PATH`: that run, or a new run made there when PATH does not exist (or is an empty folder).
+    `--resume auto`: the run found by `find_resumable_run`, else a new one. Without --resume a run that
+    already trained (or holds checkpoints) is refused rather than silently trained again from scratch.
+    """
+    s = prep.settings
+    resuming = resume not in (None, "", "no", "never")
+    found: Path | None = None
+    if run_dir:
+        path = Path(run_dir)
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return create_run(prep, at=path), True
+        if not (path / RUN_FILE).is_file():
+            raise FtError(
+                f"--run-dir {path}: exists and is not an ft run directory (no {RUN_FILE})",
+                hint="give a run directory, a new path or an empty folder",
+            )
+        found = path
+    elif resuming:
+        found = _run_of_checkpoint(resume) or find_resumable_run(s, prep.data_sha256, finished=finished)
+        if found is None:
+            say(f"no unfinished run of this recipe and data under {s.output.dir}/; starting a new run")
+    elif s.output.run_name and (Path(s.output.dir) / s.output.run_name / RUN_FILE).is_file():
+        found = Path(s.output.dir) / s.output.run_name
+    if found is None:
+        return create_run(prep), True
+    if not resuming:
+        _refuse_to_restart(found, finished)
+    return found, False
+
+
+def _run_of_checkpoint(resume: str | None) -> Path | None:
+    """`--resume RUN/checkpoints/step-N` continues RUN itself."""
+    if resume in (None, "auto"):
+        return None
+    run = Path(resume).parent.parent
+    return run if (run / RUN_FILE).is_file() else None
+
+
+def _refuse_to_restart(run_dir: Path, finished) -> None:
+    from ft.train import list_checkpoints
+
+    meta = read_run(run_dir) or {}
+    status = meta.get("status")
+    done = list_checkpoints(run_dir)
+    if status in finished:
+        raise FtError(
+            f"{run_dir}: this run has already finished (status {status}); not training it again from scratch",
+            hint="for a new run choose another output.run_name or --run-dir; to go on with this one "
+            "(evaluate, package) add --resume auto",
+        )
+    if done or status not in (None, "created"):
+        last = f", last checkpoint {done[-1].name}" if done else ""
+        raise FtError(
+            f"{run_dir}: this run was started before (status {status}{last}); not overwriting it",
+            hint="continue it with --resume auto, or choose another output.run_name or --run-dir",
+        )
+
+
+def discard_run(run_dir: Path) -> None:
+    """Remove a run this process created and never trained: rename it hidden first, then delete it."""
+    import contextlib
+    import shutil
+
+    run_dir = Path(run_dir)
+    doomed = run_dir.with_name(f".{run_dir.name}.partial")
+    shutil.rmtree(doomed, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.replace(run_dir, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    parent = run_dir.parent
+    if parent in _made_output_dirs:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty
+            _made_output_dirs.discard(parent)
+
+
+def summarize_data(report: dict[str, Any]) -> str:
+    """Two console lines from the data manifest: rows, split and drops; token lengths."""
+    rows, files = report.get("rows", {}), report.get("files", [])
+    split = report.get("split", {})
+    how = "seeded split" if split.get("method") == "seeded" else "eval files"
+    names = ", ".join(str(f.get("name", "?")) for f in files[:3])
+    names += " ..." if len(files) > 3 else ""
+    dropped = {
+        reason: tally.get("count", 0)
+        for reason, tally in report.get("dropped", {}).items()
+        if isinstance(tally, dict) and tally.get("count")
+    }
+    drops = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items()) or "none"
+    t, too_long = report.get("tokens", {}), report.get("too_long", {})
+    return (
+        f"data: {rows.get('read', '?')} rows from {names}: {rows.get('train', '?')} train + "
+        f"{rows.get('eval', '?')} eval ({how}); dropped: {drops}\n"
+        f"data: tokens per row p50 {t.get('p50', '?')}, p99 {t.get('p99', '?')}, max {t.get('max', '?')} "
+        f"(train.max_seq_length {too_long.get('max_seq_length', '?')}); `ft data check` shows the full report"
+    )
+
+
+def prepare_run(settings, *, run_dir: str | None, resume: str | None, finished=FINISHED_TRAINING):
+    """check -> the run directory, with progress on the console: (Prepared, run directory, created now)."""
+    m = settings.model
+    say(f"check: reading the data and the tokenizer of {m.name_or_path}")
+    prep = check_data(settings)
+    say(summarize_data(prep.check.report))
+    path, new = open_run(prep, run_dir=run_dir, resume=resume, finished=finished)
+    return prep, path, new
 
 
 def read_run(run_dir: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
@@ -90,11 +241,20 @@ def update_run(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return meta
 
 
-def create_run(prep: Prepared) -> Path:
-    """Make the run directory atomically with its recipe, environment and data manifests."""
+def create_run(prep: Prepared, at: Path | None = None) -> Path:
+    """Make the run directory atomically with its recipe, environment and data manifests.
+
+    `at`: the run's path (--run-dir); default output.dir / the run name."""
     s = prep.settings
-    root = Path(s.output.dir)
-    name = run_name(s, hashlib.sha256((s.sha256 + prep.data_sha256).encode()).hexdigest())
+    if at is not None:
+        root, name = Path(at).parent, Path(at).name
+        if Path(at).is_dir():
+            Path(at).rmdir()  # an empty folder given as --run-dir becomes the run
+    else:
+        root = Path(s.output.dir)
+        name = run_name(s, hashlib.sha256((s.sha256 + prep.data_sha256).encode()).hexdigest())
+    if not root.exists():
+        _made_output_dirs.add(root)
     env = capture()
     env["run"] = {
         "recipe_sha256": s.sha256,
@@ -120,6 +280,7 @@ def create_run(prep: Prepared) -> Path:
                 "recipe": s.name,
                 "status": "created",
                 "recipe_sha256": s.sha256,
+                "training_sha256": training_sha256(s),
                 "data_sha256": prep.data_sha256,
                 "created": utc_now(),
             },
@@ -173,7 +334,33 @@ def initial_micro_batch(settings, device: str, backend: tuple[str, str] | None =
     return 1, f"auto: `ft size` predicts that not even micro-batch 1 fits on {gpu}; trying 1"
 
 
-def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bool = False):
+def train_stage(
+    prep: Prepared, run_dir: Path, *, resume: str | None, force: bool = False, new_run: bool = False
+):
+    """Train into run_dir. `new_run`: this command created run_dir, so a failure before the first
+    optimizer step removes it again (bad settings leave no run behind); an existing run gets its status
+    back. A stop signal after a step leaves the run "interrupted" at its new checkpoint."""
+    from ft import train as training
+    from ft.sizing.autobatch import OutOfMemory
+    from ft.train.signals import Interrupted
+
+    steps_before = training._steps_done_in_process
+    status_before = (read_run(run_dir, missing_ok=True) or {}).get("status")
+    try:
+        return _train_stage(prep, Path(run_dir), resume=resume, force=force, resuming_run=not new_run)
+    except BaseException as exc:
+        trained = training._steps_done_in_process > steps_before or bool(training.list_checkpoints(run_dir))
+        if not trained and new_run:
+            discard_run(run_dir)
+        elif not trained and not isinstance(exc, OutOfMemory):
+            update_run(run_dir, status=status_before)
+        elif isinstance(exc, Interrupted):
+            done = training.list_checkpoints(run_dir)
+            update_run(run_dir, status="interrupted", checkpoint=done[-1].name if done else None)
+        raise
+
+
+def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bool, resuming_run: bool):
     from ft import train as training
     from ft.data.encode import encode
     from ft.sizing.autobatch import OutOfMemory, step_down
@@ -203,6 +390,10 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
         start, first_step = int(marker.get("micro_batch", start)), int(marker.get("step", 0))
         source, retry = f"checkpoint {resumed.name}", f"resuming {resumed.name} keeps its micro-batch"
     update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
+    say(
+        f"train: {len(rows_train)} rows on {device} with backend {backend} ({reason}); micro-batch {start} "
+        f"({source}); loading {s.model.name_or_path}"
+    )
 
     # Optimizer steps completed by this attempt (ft.train counts every step of the process): an OOM before
     # the first one is a start-up OOM (step down), after it a mid-run OOM (stop, keep the checkpoint).
@@ -225,6 +416,7 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
             micro_batch=micro,
             resume=resume,
             force=force,
+            resuming_run=resuming_run and resume not in (None, "", "no", "never"),
         )
 
     def last_checkpoint() -> str | None:
@@ -263,6 +455,7 @@ def train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: boo
         micro_batch=result.micro_batch,
         grad_accum=result.grad_accum,
         micro_batch_choice=choice,
+        weights=result.info.get("weights"),  # the repo, revision and Hub commit the backend loaded
     )
     write_json(run_dir / "env.json", env)
     write_json(
@@ -296,6 +489,7 @@ def eval_stage(prep: Prepared, run_dir: Path) -> dict[str, Any]:
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FtError(f"{run_dir}: no trained adapter yet; run `ft train` first")
+    say(f"eval: base and tuned model on {len(prep.check.eval)} held-out rows ({device}, backend {backend})")
     outcome = evaluate(s, adapter, prep.check.eval, device=device, backend=backend)
     ref = env_ref(run_dir)
     write_eval_outputs(run_dir, outcome.report, outcome.predictions, s, ref)

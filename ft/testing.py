@@ -205,17 +205,43 @@ def cache_root() -> Path:
     return Path(os.environ.get("FT_CACHE", Path.home() / ".cache" / "ft"))
 
 
+def _build_in_child(out_dir: Path) -> None:
+    """build_tiny_model in a child process, so that this one imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = "import sys; from ft.testing import build_tiny_model; build_tiny_model(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code, str(out_dir)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the tiny model failed:\n{done.stderr[-3000:]}")
+
+
 def ensure_tiny_model() -> Path:
-    """Build the tiny model once per machine (a few seconds) and reuse it; safe against concurrent builds."""
+    """Build the tiny model once per machine (a few seconds) and reuse it; safe against concurrent builds.
+
+    Building needs transformers. Where Unsloth is installed and neither it nor transformers is imported
+    yet, the build runs in a child process: this command may still have to import Unsloth, which must
+    come before transformers.
+    """
+    import importlib.util
+    import sys
+
     from ft import __version__
     from ft.fsutil import atomic_dir
 
     target = cache_root() / f"tiny-qwen2-v{__version__}-s{TINY_SEED}"
     if (target / "config.json").is_file():
         return target
+    unsloth_may_follow = not {"transformers", "unsloth"} & set(sys.modules) and bool(
+        importlib.util.find_spec("unsloth")
+    )
     try:
         with atomic_dir(target) as staging:
-            build_tiny_model(staging)
+            if unsloth_may_follow:
+                _build_in_child(staging)
+            else:
+                build_tiny_model(staging)
     except Exception:
         if (target / "config.json").is_file():  # another process won the race
             return target

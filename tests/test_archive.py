@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from ft.bundle import BundleError, verify
+from ft.bundle import BundleError, open_bundle, verify
 from ft.bundle.archive import safe_extract, write_tar_gz
 from ft.errors import FtError
 
@@ -130,3 +133,165 @@ def test_write_refuses_special_files_and_leaves_no_temp(tmp_path):
     with pytest.raises(FtError, match="not a regular file"):
         write_tar_gz(src, tmp_path / "out" / "b.tar.gz", root="b")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------- bombs and ambiguous names (issue 9.3)
+
+GiB = 2**30
+
+
+def _header(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mode = size, kind, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def _canonical(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode()
+
+
+def make_bomb(path: Path, size: int = GiB, *, manifest_first: bool = True, name: str = "zeros.bin") -> Path:
+    """A ~1 MB .tar.gz holding `size` bytes of zeros in b/data/zeros.bin, whose manifest declares 1 KiB.
+
+    gzip allows concatenated members, so one compressed 16 MiB block of zeros repeated builds it at once.
+    """
+    manifest = _canonical(
+        {
+            "format": "ft-bundle/2",
+            "run": "b",
+            "verdict": "KEEP",
+            "files": [
+                {"path": "data/zeros.bin", "sha256": hashlib.sha256(bytes(1024)).hexdigest(), "bytes": 1024}
+            ],
+        }
+    )
+    head = _header("b", kind=tarfile.DIRTYPE)
+    manifest_entry = _header("b/MANIFEST.json", len(manifest)) + _padded(manifest)
+    bomb_header = _header("b/data", kind=tarfile.DIRTYPE) + _header(f"b/data/{name}", size)
+    block = 2**24
+    assert size % block == 0
+    with open(path, "wb") as out:
+        if manifest_first:
+            out.write(gzip.compress(head + manifest_entry + bomb_header))
+        else:
+            out.write(gzip.compress(head + bomb_header))
+        zeros = gzip.compress(bytes(block), compresslevel=9)
+        for _ in range(size // block):
+            out.write(zeros)
+        out.write(gzip.compress((b"" if manifest_first else manifest_entry) + bytes(1024)))
+    return path
+
+
+def _disk_usage(root: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+
+@pytest.fixture
+def written(monkeypatch):
+    """Counts every byte the extractor writes for an archive member, and forbids tarfile's own writer."""
+    from ft.bundle import archive
+
+    total = [0]
+    real = getattr(archive, "_copy_bounded", None)
+
+    def counting(src, dest, limit):
+        n = real(src, dest, limit)
+        total[0] += n
+        return n
+
+    def forbidden(*a, **k):
+        raise AssertionError("tarfile wrote a member itself, unbounded")
+
+    if real is not None:
+        monkeypatch.setattr(archive, "_copy_bounded", counting)
+    monkeypatch.setattr(tarfile.TarFile, "makefile", forbidden)
+    return total
+
+
+def test_gzip_bomb_is_refused_from_its_header_and_nothing_is_written(tmp_path, written):
+    bomb = make_bomb(tmp_path / "bomb.tar.gz")
+    assert bomb.stat().st_size < 1.5 * 2**20, "a ~1 MB archive..."
+    work = tmp_path / "work"
+    with pytest.raises(
+        BundleError, match=r"zeros.bin' holds 1073741824 bytes, but MANIFEST.json declares 1024"
+    ):
+        open_bundle(bomb, work)
+    assert written[0] < 4 * 2**20
+    assert _disk_usage(work) < 4 * 2**20 and not (work.exists() and any(work.iterdir()))
+
+
+def test_bomb_before_its_manifest_is_refused_before_writing(tmp_path, written):
+    bomb = make_bomb(tmp_path / "late.tar.gz", 64 * 2**20, manifest_first=False)
+    with pytest.raises(BundleError, match="holds 67108864 bytes, but MANIFEST.json declares 1024"):
+        verify(bomb)
+    assert written[0] == 0
+
+
+def test_unlisted_bomb_is_refused_by_the_manifest_total(tmp_path, written):
+    bomb = make_bomb(tmp_path / "unlisted.tar.gz", 64 * 2**20, name="not-in-the-manifest.bin")
+    with pytest.raises(BundleError, match="more than the .* MANIFEST.json accounts for"):
+        verify(bomb)
+    assert written[0] == 0
+
+
+def test_writer_stops_at_the_declared_size(tmp_path):
+    from ft.bundle import archive
+
+    with pytest.raises(archive._Refused, match="more data than its 10 declared bytes"):
+        archive._copy_bounded(io.BytesIO(bytes(11)), tmp_path / "f", 10)
+    assert (tmp_path / "f").stat().st_size <= 10
+
+
+def test_reproduce_leaves_nothing_behind_after_a_refused_archive(tmp_path, capsys, written):
+    from ft.cli import main
+
+    bomb = make_bomb(tmp_path / "bomb.tar.gz")
+    work = tmp_path / "work"
+    assert main(["reproduce", str(bomb), "--work", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "declares 1024" in err
+    assert not work.exists(), "the work folder it created is gone"
+    work.mkdir()
+    assert main(["reproduce", str(bomb), "--work", str(work)]) == 2
+    assert list(work.iterdir()) == [], "a work folder the user made is left, empty"
+
+
+AMBIGUOUS = {
+    "file then directory": [("bundle/x", tarfile.REGTYPE), ("bundle/x", tarfile.DIRTYPE)],
+    "directory then file": [("bundle/x", tarfile.DIRTYPE), ("bundle/x", tarfile.REGTYPE)],
+    "file then a path under it": [("bundle/x", tarfile.REGTYPE), ("bundle/x/y", tarfile.REGTYPE)],
+    "path under a name, then that name as a file": [
+        ("bundle/x/y", tarfile.REGTYPE),
+        ("bundle/x", tarfile.REGTYPE),
+    ],
+    "duplicate directory": [("bundle/d", tarfile.DIRTYPE), ("bundle/d/", tarfile.DIRTYPE)],
+    "duplicate file through ./": [("bundle/f", tarfile.REGTYPE), ("bundle/./f", tarfile.REGTYPE)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(AMBIGUOUS))
+def test_ambiguous_names_are_refused(tmp_path, case):
+    entries = [
+        _info(name, kind, data=b"x" if kind == tarfile.REGTYPE else b"") for name, kind in AMBIGUOUS[case]
+    ]
+    archive = make_archive(tmp_path / "amb.tar.gz", *entries)
+    with pytest.raises(FtError, match="of the same name|duplicate entry") as exc:
+        safe_extract(archive, tmp_path / "t")
+    assert "nothing was extracted" in str(exc.value)
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_directory_entry_after_the_files_inside_it_is_fine(tmp_path):
+    """Unsorted archives (GNU tar without --sort) may name a directory after what it holds."""
+    archive = make_archive(
+        tmp_path / "late-dirs.tar.gz",
+        _info("bundle/sub/a.txt", data=b"a"),
+        _info("bundle/sub", tarfile.DIRTYPE),
+        _info("bundle", tarfile.DIRTYPE),
+    )
+    out = safe_extract(archive, tmp_path / "t")
+    assert (out / "bundle" / "sub" / "a.txt").read_bytes() == b"a"

@@ -147,3 +147,30 @@ def test_a_1gb_single_line_is_refused_without_loading_it(workdir, capsys):
     assert code == 2
     assert err.startswith("error: big.jsonl:1: line is longer than 64 MiB") and err.count("\n") == 1
     assert grown_mib < 400, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_verbose_lists_every_problem_past_the_cap(workdir, capsys):
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}
+    (workdir / "many_bad.jsonl").write_text((json.dumps(bad) + "\n") * 120, encoding="utf-8")
+    code, _out, err = run_cli([*argv_for({"train": "many_bad.jsonl"}), "-v"], capsys)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 121, lines[-3:]
+    assert [line.split(":")[1] for line in lines[:120]] == [str(i) for i in range(1, 121)]
+    assert lines[-1].startswith("error: many_bad.jsonl:1: ") and lines[-1].endswith("(+119 more)")
+
+
+NON_UTF8 = os.fsdecode(b"tickets-\xff.jsonl")  # how Python hands such a name over from argv
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_file_name_that_is_not_utf8_is_refused_by_check_and_run(command, workdir, capsys):
+    shutil.copy(CORPUS / "files" / "three_tickets.jsonl", workdir / NON_UTF8)
+    argv = argv_for({"train": NON_UTF8})
+    if command == "run":
+        argv = ["run", *argv[2:], "--set", "train.max_steps=1"]
+    code, out, err = run_cli(argv, capsys)
+    lines = err.splitlines()
+    assert "Traceback" not in out + err
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "not valid UTF-8" in lines[0] and "rename" in lines[0]
+    assert not (workdir / "runs").exists()

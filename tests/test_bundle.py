@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ft import bundle
-from ft.bundle import BundleError, package, pickle_problem, signing, verify
+from ft.bundle import BundleError, identity, package, pickle_problem, signing, verify
 from ft.errors import FtError
 
 ENDED = "2026-11-02T10:20:30Z"
@@ -111,9 +111,22 @@ def listed(bundle_dir: Path) -> list[str]:
     return [e["path"] for e in json.loads((bundle_dir / "MANIFEST.json").read_text())["files"]]
 
 
-def fails_naming(path: Path, name: str, *, key: Path | None = None) -> str:
+def write_manifest(bundle_dir: Path, manifest: dict, *, reseal: bool = False) -> None:
+    """Write an edited manifest in canonical form; `reseal` also rewrites the identity in README and sidecar,
+    as someone re-sealing a bundle by hand would."""
+    raw = identity.canonical(manifest)
+    (bundle_dir / "MANIFEST.json").write_bytes(raw)
+    if reseal:
+        new = identity.digest(raw)
+        readme = bundle_dir / "README.md"
+        body = readme.read_text().splitlines(keepends=True)[:-1]
+        readme.write_text("".join(body) + identity.readme_line(new))
+        identity.sidecar_path(bundle_dir).write_text(identity.sidecar_text(new, bundle_dir.name))
+
+
+def fails_naming(path: Path, name: str, *, key: Path | None = None, require_signature: bool = False) -> str:
     with pytest.raises(BundleError) as exc:
-        verify(path, key=key)
+        verify(path, key=key, require_signature=require_signature)
     message = str(exc.value)
     assert name in message, message
     assert "\n" not in message
@@ -131,7 +144,7 @@ def test_package_then_verify_directory_and_archive(tmp_path):
     assert archive.is_file()
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert (
-        manifest["format"] == "ft-bundle/1"
+        manifest["format"] == "ft-bundle/2"
         and manifest["run"] == "demo-run"
         and manifest["verdict"] == "KEEP"
     )
@@ -144,8 +157,13 @@ def test_package_then_verify_directory_and_archive(tmp_path):
     assert sorted(paths + ["MANIFEST.json"]) == on_disk
     assert not any(p.startswith(("checkpoints", "data/")) for p in paths)
     for entry in manifest["files"]:
-        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
-        assert (out / entry["path"]).stat().st_size == entry["bytes"]
+        blob = (out / entry["path"]).read_bytes()
+        if (
+            entry["path"] == "README.md"
+        ):  # listed without its last line, the identity (see ft.bundle.identity)
+            blob = blob[: blob.rindex(b"\n", 0, -1) + 1]
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"]
+        assert len(blob) == entry["bytes"]
 
     for target in (out, archive):
         report = verify(target)
@@ -288,7 +306,8 @@ def test_verify_flags_a_resealed_pickle(copy):
     manifest["files"].append(
         {"path": "adapter/evil.json", "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
     )
-    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    manifest["files"].sort(key=lambda e: e["path"])
+    write_manifest(copy, manifest, reseal=True)
     fails_naming(copy, "adapter/evil.json: a pickle")
 
 
@@ -418,14 +437,14 @@ def test_manifest_not_json_fails(copy):
 def test_manifest_wrong_format_fails(copy):
     manifest = json.loads((copy / "MANIFEST.json").read_text())
     manifest["format"] = "ft-bundle/99"
-    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     fails_naming(copy, "MANIFEST.json: format")
 
 
 def test_manifest_escaping_path_fails(copy):
     manifest = json.loads((copy / "MANIFEST.json").read_text())
     manifest["files"][0]["path"] = "../outside.txt"
-    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     fails_naming(copy, "'..'")
 
 
@@ -538,7 +557,7 @@ def test_signed_bundle_round_trip(tmp_path, keys):
         assert report.ok and report.signed and "signature: valid" in report.render()
     unchecked = verify(out)  # no key: allowed, but said
     assert unchecked.ok and not unchecked.signed and unchecked.signature_present
-    assert any("not checked" in n for n in unchecked.notes)
+    assert "signature: NOT CHECKED" in unchecked.render()
 
 
 def test_resealed_manifest_with_old_signature_fails(tmp_path, keys):
@@ -550,8 +569,8 @@ def test_resealed_manifest_with_old_signature_fails(tmp_path, keys):
         if e["path"] == "decision.md":
             blob = (out / "decision.md").read_bytes()
             e["sha256"], e["bytes"] = hashlib.sha256(blob).hexdigest(), len(blob)
-    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    assert verify(out).ok  # hashes are consistent again: only the signature can tell
+    write_manifest(out, manifest, reseal=True)
+    assert verify(out).ok  # hashes and identity are consistent again: only the signature can tell
     assert "signature does not match" in fails_naming(out, "MANIFEST.json.sig", key=public)
 
 
@@ -578,3 +597,152 @@ def test_bad_signing_key_is_refused_before_any_work(tmp_path):
     with pytest.raises(FtError, match="bad.pem"):
         package(make_run(tmp_path), tmp_path / "out", sign_key=bad)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- identity (issue 9.2)
+
+
+def _id_of(bundle_dir: Path) -> str:
+    return hashlib.sha256((bundle_dir / "MANIFEST.json").read_bytes()).hexdigest()
+
+
+def test_identity_is_printed_recorded_beside_and_in_the_readme(tmp_path):
+    out = package(make_run(tmp_path), tmp_path / "bundles")
+    raw = (out / "MANIFEST.json").read_bytes()
+    bundle_id = _id_of(out)
+    assert raw == (json.dumps(json.loads(raw), indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode()
+    sidecar = tmp_path / "bundles" / "demo-run.manifest.sha256"
+    assert sidecar.read_text() == f"{bundle_id}  demo-run/MANIFEST.json\n"
+    assert bundle_id in (out / "README.md").read_text().splitlines()[-1]
+    assert f"identity {bundle_id}" in bundle.render_package(out)
+    for target in (out, tmp_path / "bundles" / "demo-run.tar.gz"):
+        report = verify(target)
+        assert report.identity == bundle_id and report.sidecar == sidecar
+        assert f"identity: {bundle_id}" in report.render()
+    if shutil.which("sha256sum"):  # checkable without ft
+        import subprocess
+
+        check = subprocess.run(["sha256sum", "-c", sidecar.name], cwd=sidecar.parent, capture_output=True)
+        assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.parametrize("new", ["DISCARD", "KEEPX", "keep"])
+@pytest.mark.parametrize("form", ["directory", "archive", "directory without sidecar"])
+def test_editing_the_verdict_in_the_manifest_fails(tmp_path, new, form):
+    out = package(make_run(tmp_path), tmp_path / "bundles", archive=False)
+    if form == "directory without sidecar":
+        (tmp_path / "bundles" / "demo-run.manifest.sha256").unlink()
+    manifest = out / "MANIFEST.json"
+    manifest.write_text(manifest.read_text().replace('"verdict": "KEEP"', f'"verdict": "{new}"'))
+    target = out
+    if form == "archive":
+        target = tmp_path / "bundles" / "demo-run.tar.gz"
+        with tarfile.open(target, "w:gz") as tar:
+            tar.add(out, arcname="demo-run")
+    report = verify(target, raise_on_failure=False)
+    assert not report.ok
+    assert any("identity" in p for p in report.problems), report.problems
+    with pytest.raises(BundleError):
+        verify(target)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t + " ",
+        lambda t: t.rstrip("\n"),
+        lambda t: t.replace('"verdict": "KEEP"', '"verdict":  "KEEP"'),
+        lambda t: json.dumps(json.loads(t), indent=4, sort_keys=True) + "\n",
+        lambda t: json.dumps(dict(reversed(json.loads(t).items())), indent=2) + "\n",
+        lambda t: t.replace("\n", "\r\n"),
+    ],
+    ids=["trailing space", "no final newline", "double space", "indent 4", "unsorted keys", "CRLF"],
+)
+def test_whitespace_or_order_only_edit_of_the_manifest_fails(copy, edit):
+    manifest = copy / "MANIFEST.json"
+    manifest.write_bytes(edit(manifest.read_text()).encode())
+    assert "not in canonical form" in fails_naming(copy, "MANIFEST.json")
+
+
+def test_verdict_edit_resealed_everywhere_is_still_caught_by_the_report(copy):
+    manifest = json.loads((copy / "MANIFEST.json").read_text())
+    manifest["verdict"] = "DISCARD"
+    write_manifest(copy, manifest, reseal=True)
+    fails_naming(copy, "verdict 'DISCARD' is not eval/report.json's 'KEEP'")
+
+
+def test_sidecar_records_the_identity_the_sender_sealed(tmp_path):
+    out = package(make_run(tmp_path), tmp_path / "bundles", archive=False)
+    sealed_sidecar = (tmp_path / "bundles" / "demo-run.manifest.sha256").read_text()
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    manifest["data_included"] = True  # any edit, with README and sidecar rewritten to match...
+    write_manifest(out, manifest, reseal=True)
+    assert verify(out).ok  # ...is a different bundle that verifies on its own: the identity is what differs
+    assert verify(out).identity != sealed_sidecar.split()[0]
+    (tmp_path / "bundles" / "demo-run.manifest.sha256").write_text(sealed_sidecar)  # what the sender sent
+    fails_naming(out, "recorded in demo-run.manifest.sha256")
+
+
+def test_readme_identity_line_must_name_this_manifest(copy):
+    readme = copy / "README.md"
+    lines = readme.read_text().splitlines(keepends=True)
+    readme.write_text("".join(lines[:-1]) + identity.readme_line("0" * 64))
+    fails_naming(copy, "README.md: its last line does not give this bundle's identity")
+    readme.write_text("".join(lines[:-1]))
+    fails_naming(copy, "README.md")
+
+
+def test_bundle_sealed_by_an_older_ft_is_refused_with_a_hint(copy):
+    manifest = json.loads((copy / "MANIFEST.json").read_text())
+    manifest["format"] = "ft-bundle/1"
+    write_manifest(copy, manifest)
+    assert "re-sealed" in fails_naming(copy, "format 'ft-bundle/1'")
+
+
+def test_signature_not_checked_is_said_plainly_and_can_be_required(tmp_path, keys, capsys):
+    from ft.cli import main
+
+    private, public = keys
+    signed = package(make_run(tmp_path / "s"), tmp_path / "s" / "out", sign_key=private, archive=False)
+    unsigned = package(make_run(tmp_path / "u"), tmp_path / "u" / "out", archive=False)
+    text = verify(signed).render()
+    assert "signature: NOT CHECKED" in text and "--key" in text
+    fails_naming(
+        signed, "not checked; --require-signature needs the signer's public key", require_signature=True
+    )
+    fails_naming(unsigned, "MANIFEST.json.sig: missing; --require-signature", require_signature=True)
+    assert verify(signed, key=public, require_signature=True).signed
+    capsys.readouterr()
+    assert main(["verify", str(signed), "--require-signature"]) == 2
+    assert main(["verify", str(signed), "--key", str(public), "--require-signature"]) == 0
+    assert "signature: valid" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- hostile manifests (issue 9.7)
+
+DEEP = {
+    "array": b"[" * 200_000 + b"]" * 200_000,
+    "object": b'{"a":' * 200_000 + b"1" + b"}" * 200_000,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(DEEP))
+@pytest.mark.parametrize("form", ["directory", "archive"])
+def test_manifest_nested_200000_deep_is_one_line_exit_2(tmp_path, capsys, shape, form):
+    from ft.cli import main
+
+    bundle_dir = tmp_path / "deep"
+    bundle_dir.mkdir()
+    (bundle_dir / "MANIFEST.json").write_bytes(DEEP[shape])
+    target = bundle_dir
+    if form == "archive":
+        target = tmp_path / "deep.tar.gz"
+        with tarfile.open(target, "w:gz") as tar:
+            tar.add(bundle_dir, arcname="deep")
+    work = tmp_path / "work"
+    for argv in (["verify", str(target)], ["reproduce", str(target), "--work", str(work)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and "nested too deeply" in err[-1], err
+    assert not work.exists()

@@ -475,3 +475,147 @@ def test_data_module_imports_fast_and_light():
     code = "import sys, ft.data; print(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- hostile sizes, the split after filtering, and warnings --------------------------------------------
+def test_a_row_over_max_row_chars_is_refused_before_tokenising(run, tiny_tokenizer, monkeypatch):
+    tokenised = []
+    real_call = type(tiny_tokenizer).__call__
+    monkeypatch.setattr(
+        type(tiny_tokenizer), "__call__", lambda s, t, **k: tokenised.append(t) or real_call(s, t, **k)
+    )
+    rows = rows_n(5) + [chat("x" * 1000, "ok")]
+    message = problem(run, {"big.jsonl": rows}, **{"data.max_row_chars": 500})
+    assert message == (
+        "big.jsonl:6: 1,002 characters, more than data.max_row_chars (500); "
+        "shorten or split the row, or raise data.max_row_chars"
+    )
+    assert tokenised == []
+
+
+def test_lengths_tokenise_no_more_of_a_row_than_max_seq_length_needs(run, tiny_tokenizer, monkeypatch):
+    longest = []
+    real_call = type(tiny_tokenizer).__call__
+
+    def spy(self, texts, **kw):
+        longest.append(max(map(len, texts if isinstance(texts, list) else [texts])))
+        return real_call(self, texts, **kw)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", spy)
+    huge = chat("word " * 200_000, "answer")  # 1,000,000 characters
+    result = run({"h.jsonl": rows_n(20) + [huge]}, **{"data.max_row_chars": 2_000_000})
+    assert max(longest) < 50_000, max(longest)
+    assert result.report["dropped"]["too_long"]["first"] == ["h.jsonl:21"]
+    assert result.report["too_long"]["first"] == ["h.jsonl:21 (over 128 tokens)"]
+    assert result.report["tokens"]["max"] > 128 and result.report["tokens"]["partly_counted"] == 1
+    assert "1 over-long counted in part" in render_report(result.report)
+
+
+def test_bounded_lengths_are_exact_below_the_limit(tiny_tokenizer):
+    from ft.data import bounded_token_lengths
+    from ft.data.encode import token_lengths
+
+    texts = ["short", "word " * 40, "x" * 5000, "héllo wörld " * 300]
+    exact = token_lengths(tiny_tokenizer, texts)
+    got = bounded_token_lengths(tiny_tokenizer, texts, 100_000)
+    assert got == [(n, True) for n in exact]
+    capped = bounded_token_lengths(tiny_tokenizer, texts, 50)
+    for (n, is_exact), real in zip(capped, exact, strict=True):
+        if real <= 50 or is_exact:
+            assert (n, is_exact) == (real, True)
+        else:
+            assert 50 < n <= real  # a lower bound that still says "over"
+    assert not capped[3][1]  # the long text was not tokenised whole
+
+
+def test_the_split_is_drawn_after_over_long_rows_are_dropped(run):
+    short = rows_n(40)
+    long_rows = [chat(f"long {i} " + "word " * 200, "a") for i in range(60)]
+    rows = [r for pair in zip(long_rows[:40], short, strict=True) for r in pair] + long_rows[40:]
+    result = run({"m.jsonl": rows}, **{"data.eval_fraction": 0.25})
+    assert len(result.eval) == 10 and len(result.train) == 30
+    assert all(ex.tokens <= 128 for ex in result.eval)
+    split = result.report["split"]
+    assert split["eval_size"] == 10 and split["train_size"] == 30
+    warning = result.report["warnings"]
+    assert warning == [
+        "60 of 100 rows (60%) were dropped (too long: 60); check train.max_seq_length and data.too_long"
+    ]
+    assert "warning: 60 of 100 rows (60%) were dropped" in render_report(result.report)
+
+
+def test_no_warning_when_most_rows_are_kept(run):
+    result = run({"m.jsonl": rows_n(10) + [chat("word " * 200, "a")]})
+    assert result.report["warnings"] == [] and "warning" not in render_report(result.report)
+
+
+def test_every_problem_reaches_on_problem_past_the_cap(tmp_path, monkeypatch, tiny_settings, tiny_tokenizer):
+    monkeypatch.chdir(tmp_path)
+    bad = {"messages": [U, {"role": "bot", "content": "x"}]}
+    write(tmp_path / "rows.jsonl", [bad] * 80)
+    seen: list[str] = []
+    with pytest.raises(DataError) as info:
+        check(
+            tiny_settings(**{"data.train": ["rows.jsonl"]}), tokenizer=tiny_tokenizer, on_problem=seen.append
+        )
+    assert len(seen) == 80 and info.value.total == 80 and seen[79].startswith("rows.jsonl:80: ")
+
+
+def test_data_errors_come_before_the_tokenizer_is_loaded(tmp_path, monkeypatch, tiny_settings):
+    import ft.modelref
+    from ft.pipeline import check_data
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the rows were validated")
+
+    monkeypatch.setattr(ft.modelref, "load_tokenizer", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    write(tmp_path / "dups.jsonl", rows_n(3) + rows_n(1))
+    write(tmp_path / "t.jsonl", rows_n(3))
+    write(tmp_path / "e.jsonl", [chat("question 1", "leaked")])
+    for overrides, expected in [
+        ({"data.train": ["empty.jsonl"]}, "empty.jsonl: no rows"),
+        ({"data.train": ["dups.jsonl"], "data.duplicates": "error"}, "dups.jsonl:4: duplicate"),
+        ({"data.train": ["t.jsonl"], "data.eval": ["e.jsonl"]}, "e.jsonl:1: the same prompt"),
+    ]:
+        with pytest.raises(DataError, match=expected):
+            check_data(tiny_settings(**overrides))
+
+
+def test_prompt_key_collapses_whitespace_as_str_split_does_chunk_by_chunk():
+    import hashlib
+    import random
+
+    from ft.data import _collapsed, prompt_key
+
+    rng = random.Random(0)
+    alphabet = ["a", "B", "ß", " ", "  ", "\n", "\t", "\u3000", "\x1c", "\u2028", "Σ", "é"]
+    texts = ["", " ", "x", "  a  b\n c "] + [
+        "".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(300)
+    ]
+    for text in texts:
+        for chunk in (1, 2, 3, 7, 1 << 20):
+            assert "".join(_collapsed(text, chunk)) == " ".join(text.split()), (text, chunk)
+    for text in texts[:50]:  # the digest is that of the whole normalised text, as before
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        whole = "\x1f".join(f"{m['role']}\x1e{' '.join(m['content'].split()).casefold()}" for m in messages)
+        assert prompt_key(messages) == hashlib.blake2b(whole.encode(), digest_size=16).digest()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"text": "' + "x" * 5000 + '"}\n', "big.jsonl:1: line is longer than 1000 bytes"),  # first line
+        ('{"text": oops}\n\n', "big.jsonl:1: invalid JSON: Expecting value"),  # no valid row at all
+        ("\n  \n", "big.jsonl: no rows (the file is empty)"),
+    ],
+)
+def test_a_file_without_rows_gives_one_problem_not_two(
+    content, expected, tmp_path, monkeypatch, tiny_settings, tiny_tokenizer
+):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "big.jsonl", content)
+    with pytest.raises(DataError) as info:
+        check(tiny_settings(**{"data.train": ["big.jsonl"]}), tokenizer=tiny_tokenizer, max_line_bytes=1000)
+    assert info.value.total == 1 and str(info.value).startswith(expected), info.value.problems

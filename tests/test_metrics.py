@@ -94,3 +94,26 @@ def test_discard_when_a_guard_falls_too_far_in_its_own_direction():
 def test_unmeasured_primary_metric_cannot_keep():
     d = decide({"json_valid": 1.0}, {"json_valid": 1.0}, _rule(guard_metrics=[]))
     assert d.verdict == "DISCARD"
+
+
+def test_reasons_say_improved_or_worsened_in_the_metric_s_own_direction():
+    # A falling eval_loss is an improvement: the line must not read as a rise ("change +2.0956").
+    d = decide(
+        {"exact_match": 0.5, "json_valid": 1.0, "eval_loss": 3.0},
+        {"exact_match": 0.4, "json_valid": 0.5, "eval_loss": 0.9044},
+        _rule(),
+    )
+    loss = next(r for r in d.reasons if r.startswith("guard eval_loss"))
+    assert "improved by 2.0956" in loss and "+2.0956" not in loss and loss.endswith("ok")
+    assert "lower is better" in loss
+    valid = next(r for r in d.reasons if r.startswith("guard json_valid"))
+    assert "worsened by 0.5000" in valid and valid.endswith("FAILS")
+    assert "worsened by 0.1000" in d.reasons[0] and d.reasons[0].endswith("FAILS")
+    worse = decide(
+        {"exact_match": 0.1, "json_valid": 1.0, "eval_loss": 1.0},
+        {"exact_match": 0.9, "json_valid": 1.0, "eval_loss": 1.5},
+        _rule(),
+    )
+    loss = next(r for r in worse.reasons if r.startswith("guard eval_loss"))
+    assert "worsened by 0.5000" in loss and "may worsen by at most 0.0200" in loss
+    assert "unchanged" in next(r for r in worse.reasons if r.startswith("guard json_valid"))

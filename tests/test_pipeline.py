@@ -3,6 +3,8 @@ verify -> reproduce. One run is shared by the tests in this file (about 30 s on 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tarfile
@@ -18,11 +20,60 @@ def loop(tmp_path_factory, ft_cache):
     work = tmp_path_factory.mktemp("loop")
     cwd = os.getcwd()
     os.chdir(work)
+    console = io.StringIO()
     try:
-        assert main(["run", "--recipe", "tiny", "--set", "output.run_name=smoke"]) == 0
+        with contextlib.redirect_stderr(console):
+            assert main(["run", "--recipe", "tiny", "--set", "output.run_name=smoke"]) == 0
     finally:
         os.chdir(cwd)
+        (work / "console.txt").write_text(console.getvalue())
     return work
+
+
+def test_run_shows_each_stage_and_the_data_summary_on_the_console(loop):
+    lines = (loop / "console.txt").read_text().splitlines()
+    stages = [
+        "check: reading the data and the tokenizer of builtin:tiny-qwen2",
+        "data: ",
+        "train: ",
+        "eval: ",
+    ]
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(s)) for s in stages]
+    assert starts == sorted(starts)
+    assert " rows on cpu with backend hf " in lines[starts[2]] and "micro-batch 8" in lines[starts[2]]
+    assert "held-out rows" in lines[starts[3]]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert len(data) == 2
+    assert "rows from builtin:tickets.jsonl: " in data[0] and " train + " in data[0] and "(seeded split)" in data[0]
+    assert "tokens per row p50 " in data[1] and "train.max_seq_length 128" in data[1]
+
+
+def test_adapter_has_a_model_card_naming_the_recipe_model(loop, tiny_model_dir):
+    adapter = loop / "runs" / "smoke" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "builtin:tiny-qwen2"
+    card = (adapter / "README.md").read_text()
+    assert str(tiny_model_dir) not in card and str(loop) not in card
+    assert "More Information Needed" not in card  # not PEFT's empty template
+    assert card.startswith("---\nlibrary_name: peft\n")  # front matter; base_model only for a Hub id
+    assert "# smoke: a LoRA adapter for `builtin:tiny-qwen2`" in card
+    for fact in (
+        "| recipe | `tiny` (sha256 ",
+        "`builtin:tickets.jsonl` (320 rows)",
+        "| LoRA | r 16, alpha 32",
+        "../decision.md",
+    ):
+        assert fact in card, fact
+    assert 'PeftModel.from_pretrained(base, "adapter")' in card
+
+
+def test_model_card_front_matter_names_a_hub_base_model():
+    from ft.config import load_settings
+    from ft.train.card import render
+
+    card = render(load_settings("default", ["model.revision=abc123"]), {"run": "r", "steps": 3})
+    assert card.startswith("---\nbase_model: Qwen/Qwen2.5-0.5B-Instruct\nlibrary_name: peft\n")
+    assert 'from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", revision="abc123")' in card
 
 
 def test_run_directory_is_self_describing(loop):
@@ -124,7 +175,8 @@ def test_reproduce_matches_the_sealed_run(loop, capsys):
     out = capsys.readouterr().out
     assert "PASS" in out
     sealed = (loop / "runs" / "smoke" / "adapter" / "adapter_model.safetensors").read_bytes()
-    rerun = (loop / "again" / "runs" / "rerun" / "adapter" / "adapter_model.safetensors").read_bytes()
+    rerun_dir = loop / "again" / "smoke-1" / "runs" / "rerun"  # each rerun gets its own again/smoke-<n>/
+    rerun = (rerun_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert sealed == rerun
 
 

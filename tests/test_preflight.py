@@ -254,16 +254,58 @@ def test_errors_come_first(tmp_path):
     assert [p.severity for p in problems] == ["error", "warning"]
 
 
+def chosen(device="cuda", backend="hf"):
+    """A stand-in for ft.backends.prepare: (device, backend, reason)."""
+    return lambda s: (device, backend, "test")
+
+
 def test_gate_sizes_the_recipe_only_when_a_gpu_is_visible(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(preflight, "vram_need", lambda s: asked.append(s) or 70 * GiB)
+    monkeypatch.setattr(preflight, "vram_need", lambda s, backend=None: asked.append(s) or 70 * GiB)
     s = settings(out=tmp_path)
-    common = dict(nodes=[], container=True, flavour="cu130", need_disk_bytes=1, driver="580.65.06")
+    common = dict(
+        nodes=[], container=True, flavour="cu130", need_disk_bytes=1, driver="580.65.06", prepare=chosen()
+    )
     assert preflight.gate(s, gpus=None, **common) == []
     assert asked == []  # no GPU: nothing to compare a prediction with, so nothing heavy is imported
     with pytest.raises(FtError, match="needs about 70.0 GiB of GPU memory"):
         preflight.gate(s, gpus=preflight.parse_nvidia_smi(RTX4090_550), **common)
     assert asked == [s]
+
+
+def test_gate_chooses_the_backend_after_the_machine_checks_and_before_the_sizing(tmp_path, monkeypatch):
+    """Issue 8.1: sizing a Hub model imports transformers, and reading the GPU's facts initialises CUDA;
+    Unsloth (imported by ft.backends.prepare) must come before both, and after the checks that explain a
+    machine that cannot run at all."""
+    events: list = []
+    monkeypatch.setattr(
+        preflight, "vram_need", lambda s, backend=None: events.append(("size", backend)) or 70 * GiB
+    )
+
+    def prepare(device, backend):
+        return lambda s: events.append(("prepare", device)) or (device, backend, "test")
+
+    s = settings(out=tmp_path)
+    common = dict(nodes=[], container=True, flavour="cu130", need_disk_bytes=1, driver="580.65.06")
+    h100 = preflight.parse_nvidia_smi(H100_580)
+    assert preflight.gate(s, gpus=h100, prepare=prepare("cuda", "unsloth"), **common) == []
+    assert events == [("prepare", "cuda"), ("size", ("unsloth", "test"))]  # sized for the chosen backend
+
+    events.clear()  # trains on the CPU on a GPU machine: the card's memory is no limit
+    assert preflight.gate(s, gpus=h100, prepare=prepare("cpu", "hf"), **common) == []
+    assert events == [("prepare", "cpu")]
+
+    events.clear()  # a machine that cannot run: stop with the advice, before importing any backend
+    with pytest.raises(FtError, match="CPU build of ft"):
+        preflight.gate(
+            settings(device="cuda", out=tmp_path),
+            gpus=None,
+            nodes=[],
+            flavour="cpu",
+            container=True,
+            prepare=prepare("cuda", "unsloth"),
+        )
+    assert events == []
 
 
 def test_gate_refuses_a_gpu_run_in_the_cpu_image(tmp_path):

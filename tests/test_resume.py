@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,25 @@ STEP_PHASES = [("step", "mid"), ("step", "end"), ("metrics", "torn-line")]
 CHECKPOINT_PHASES = ["between-files", "before-marker", "before-rename", "before-prune", "mid-prune"]
 
 
-def _ft_train(work: Path, name: str, args: list[str], *, kill_at: str | None = None, resume: bool = False):
-    env = {k: v for k, v in os.environ.items() if k != "FT_TEST_KILL_AT"}
-    if kill_at:
-        env["FT_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "ft", "train", "--recipe", "tiny", *args, "--set", f"output.run_name={name}"]
-    cmd += ["--resume", "auto"] if resume else []
-    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+def _ft_cmd(name: str | None, args: list[str], resume: bool) -> list[str]:
+    """`ft train` on the tiny recipe; name None = the default path (no output.run_name)."""
+    cmd = [sys.executable, "-m", "ft", "train", "--recipe", "tiny", *args]
+    cmd += ["--set", f"output.run_name={name}"] if name else []
+    return cmd + (["--resume", "auto"] if resume else [])
+
+
+def _ft_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_TEST_")}
+    return {**env, **extra}
+
+
+def _ft_train(
+    work: Path, name: str | None, args: list[str], *, kill_at: str | None = None, resume: bool = False
+):
+    env = _ft_env(**({"FT_TEST_KILL_AT": kill_at} if kill_at else {}))
+    return subprocess.run(
+        _ft_cmd(name, args, resume), cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def _fingerprint(run: Path) -> dict:
@@ -134,6 +147,78 @@ def test_killed_seven_times_resumes_to_the_same_adapter_and_curve(tmp_path, shor
     _kill_chain(tmp_path, "killed", SHORT, points)
     assert _fingerprint(tmp_path / "runs" / "killed") == short_reference
     print(f"kill points tried and survived: {len(points)}: {', '.join(points)}")
+
+
+# -- the default path (no output.run_name) and stop signals ------------------------------------------------
+def _only_run(work: Path) -> Path:
+    runs = [p for p in (work / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 1, [p.name for p in runs]
+    return runs[0]
+
+
+def _decoy(run: Path, name: str, **changes) -> None:
+    """A copy of `run`, made later, that --resume auto must pass over."""
+    copy = run.with_name(name)
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta.update(name=name, created="2999-01-01T00:00:00Z", **changes)
+    (copy / "run.json").write_text(json.dumps(meta))
+
+
+def test_resume_auto_finds_the_killed_run_without_a_run_name(tmp_path, short_reference):
+    proc = _ft_train(tmp_path, None, SHORT, kill_at="step:5:end")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = _only_run(tmp_path)
+    # Newer runs of the same recipe name that are finished, or made from other data, are not the one.
+    _decoy(killed, "tiny-29990101-000000-finished", status="complete")
+    _decoy(killed, "tiny-29990101-000000-otherdata", data_sha256="0" * 64)
+
+    proc = _ft_train(tmp_path, None, SHORT, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming run {killed.name} from step 3 of 12" in proc.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 3  # no new run
+    assert json.loads((killed / "run.json").read_text())["status"] == "trained"
+    assert _fingerprint(killed) == short_reference
+
+
+def _signal_at(work: Path, sig: int, step: int) -> tuple[int, str]:
+    """`ft train` (default path) that receives `sig` from this process while at the end of `step`."""
+    flag = work / "paused"
+    env = _ft_env(FT_TEST_PAUSE_AT=f"step:{step}:end", FT_TEST_PAUSE_FILE=str(flag))
+    with open(work / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(_ft_cmd(None, SHORT, False), cwd=work, env=env, stdout=err, stderr=err)
+        try:
+            deadline = time.monotonic() + 600
+            while not flag.exists():
+                assert proc.poll() is None, (work / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    return code, (work / "stderr.txt").read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_checkpoints_the_current_step_and_resume_ends_the_same(tmp_path, short_reference, sig):
+    code, err = _signal_at(tmp_path, sig, step=5)
+    name = signal.Signals(sig).name
+    assert code == 128 + sig, err[-3000:]  # 130 for SIGINT (Ctrl-C), 143 for SIGTERM (docker stop)
+    run = _only_run(tmp_path)
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003", "step-000005"]
+    _assert_only_whole_checkpoints(run, "checkpoint:5:before-prune")
+    assert f"interrupted by {name} at step 5: checkpoint step-000005 holds step 5 of 12" in err
+    assert "run the same command with `--resume auto` to continue" in err.splitlines()[-1]
+    assert not (run / "adapter").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    if sig == signal.SIGTERM:
+        return  # the resume is the same either way; one is enough for the default test run
+    proc = _ft_train(tmp_path, None, SHORT, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming run {run.name} from step 5 of 12" in proc.stderr
+    assert _only_run(tmp_path) == run
+    assert _fingerprint(run) == short_reference
 
 
 def _all_points(max_steps: int) -> list[str]:

@@ -95,3 +95,37 @@ def test_75k_rows_check_and_encode_in_bounded_memory(tmp_path, tiny_model_dir):
     )
     # The CLI holds no more than the library check does (plus its own imports' share of the baseline).
     assert cli_peak_mib <= baseline + 10 * size / MIB + 64, cli_peak_mib
+
+
+def _hostile():
+    spec = importlib.util.spec_from_file_location(
+        "ft_bench_hostile_rows", ROOT / "benchmarks" / "hostile_rows.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_one_20mb_row_is_checked_in_memory_bounded_by_the_context(layout, tmp_path, tiny_model_dir):
+    """Issue 9: a 20 MB row took 4.3 GB and 44 s to check, all in tokenising it whole.
+
+    Refused by data.max_row_chars by default; with the limit raised, only a prefix is tokenised, so the
+    check holds the row a few times over (file bytes, text, parsed row, rendered text), not 200 times.
+    """
+    bench = _hostile()
+    row_mb = 20
+    path = tmp_path / f"row.{layout}"
+    bench.write_file(path, row_mb, layout)
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(bench._normal_rows()) + "\n", encoding="utf-8")
+
+    refused = bench.measure_once(path, "default", 2048, tmp_path)
+    assert refused["exit"] == 2 and "more than data.max_row_chars (1,000,000)" in refused["said"]
+    baseline = bench.measure_once(small, "raised", 2048, tmp_path)
+    checked = bench.measure_once(path, "raised", 2048, tmp_path)
+    assert baseline["exit"] == checked["exit"] == 0, checked
+    growth = checked["peak_rss_mib"] - baseline["peak_rss_mib"]
+    print(json.dumps({"layout": layout, "baseline": baseline, "checked": checked, "growth_mib": growth}))
+    assert growth <= 8 * row_mb, f"peak RSS grew {growth:.0f} MiB for a {row_mb} MB row"

@@ -83,10 +83,14 @@ def test_sixteen_bit_terms_per_backend():
 def test_lora_weights_gradients_and_optimizer_states_by_hand():
     n = 16 * L * sum(a + o for a, o in LINEARS.values())  # A: r x in, B: out x r
     assert n == 40_370_176
-    b = est7b().breakdown
-    assert b["lora weights (fp32)"] == 4 * n
-    assert b["lora gradients (fp32)"] == 4 * n
-    assert b["optimizer states"] == 8 * n  # AdamW: exp_avg + exp_avg_sq in fp32
+    b = est7b().breakdown  # hf: TRL's SFTTrainer casts a quantised model's LoRA weights to bf16
+    assert b["lora weights (bf16)"] == 2 * n
+    assert b["lora gradients (bf16)"] == 2 * n
+    assert b["optimizer states"] == 4 * n  # AdamW: exp_avg + exp_avg_sq in the parameters' dtype
+    u = est7b(backend="unsloth").breakdown  # Unsloth keeps them fp32
+    assert u["lora weights (fp32)"] == u["lora gradients (fp32)"] == 4 * n
+    assert u["optimizer states"] == 8 * n
+    assert est7b(quantization="none").breakdown["lora weights (fp32)"] == 4 * n  # no cast without 4-bit
     eight = est7b(optimizer="adamw_8bit").breakdown["optimizer states"]
     expect = 0
     for a, o in LINEARS.values():
@@ -118,7 +122,9 @@ def test_activation_terms_by_hand_hf():
     per_token = norms + qkv_in + mlp_in + down_in + act + attn + lora
     assert per_token == 413_016
     assert b["recomputed layer activations"] == per_token * T
-    assert b["layer backward temporaries"] == (2 * 4 * H + 3 * 4 * FF + 2 * FF) * T
+    # the down_proj backward meets everything saved: dY (fp32), the down input's gradient from the base
+    # and the LoRA path (fp32 twice, one still bf16); the SwiGLU gradients come after those inputs are freed
+    assert b["layer backward temporaries"] == (4 * H + 2 * 4 * FF + 2 * FF) * T
     assert b["dequantised weight (transient)"] == 2 * H * FF  # the largest linear in bf16
     assert (
         sum(v for k, v in b.items() if "CUDA context" not in k and "allocator" not in k)
@@ -186,7 +192,15 @@ def test_loss_terms():
 @pytest.mark.parametrize("backend", ["hf", "unsloth"])
 def test_monotonic_in_sequence_batch_and_rank(backend):
     def peak(**kw):
-        args = {"seq_len": 1024, "micro_batch": 2, "lora_r": 16, "backend": backend} | kw
+        # TRL's chunked loss: Unsloth's fused CE re-derives unsloth_zoo's chunk count (rounded to a
+        # multiple of 4), so its loss phase is not monotonic in tokens by construction.
+        args = {
+            "seq_len": 1024,
+            "micro_batch": 2,
+            "lora_r": 16,
+            "backend": backend,
+            "loss": "chunked_nll",
+        } | kw
         return sizing.estimate("qwen2.5-1.5b", **args).peak_allocated_bytes
 
     # From 512 tokens up: below 2 x 256 x 1536 values Unsloth does not offload layer inputs at all, so
@@ -358,19 +372,27 @@ def test_report_without_gpu_is_prediction_only(gpu_settings, monkeypatch):
     json.dumps(r.to_dict())  # serialisable for --json
 
 
-def test_eta_from_data_stats_and_assumed_utilisation(gpu_settings):
+def test_eta_from_data_stats_and_measured_utilisation(gpu_settings):
+    # Issue 8's H100 figures: 0.57 (Unsloth) / 0.29 (hf) of 6 x params FLOPs per token against a measured
+    # bf16 matmul peak of ~798 TFLOP/s (81% of the H100 SXM datasheet's 989.4), 7B shape at 2 x 2048.
     s = gpu_settings("qwen2.5-7b", **{"train.epochs": 2.0})
     r = sizing.size_report(s, gpu="h100", data_stats={"train_rows": 1000, "mean_tokens": 300})
     steps = math.ceil(1000 / 16) * 2
     assert r.eta["steps"] == steps
     assert r.eta["tokens"] == steps * 16 * 300
-    fpt = sizing.flops_per_token(
-        sizing.PRESETS["qwen2.5-7b"], 2048, gradient_checkpointing=True, lora_params=r.estimate.params["lora"]
+    params = sizing.PRESETS["qwen2.5-7b"].total_params()
+    tps = 0.29 * 798e12 / (6 * params)
+    assert r.eta["tokens_per_s"] == pytest.approx(tps, rel=0.01)
+    assert r.eta["seconds"] == pytest.approx(steps * 16 * 300 / tps, rel=0.01)
+    source = r.eta["tokens_per_s_source"]
+    assert "29% FLOP utilisation" in source and "H100" in source and "6 x params" in source
+    unsloth = sizing.size_report(
+        gpu_settings("qwen2.5-7b", **{"train.backend": "unsloth"}),
+        gpu="h100",
+        data_stats={"train_rows": 1000},
     )
-    tps = 989.4e12 * sizing.ASSUMED_FLOP_UTILISATION["hf"] / fpt
-    assert r.eta["tokens_per_s"] == pytest.approx(tps)
-    assert r.eta["seconds"] == pytest.approx(steps * 16 * 300 / tps)
-    assert "assumed" in r.eta["tokens_per_s_source"]
+    assert unsloth.eta["tokens_per_s"] == pytest.approx(0.57 * 798e12 / (6 * params), rel=0.01)
+    assert "ETA assumes" in unsloth.render() and "--probe" in unsloth.render()
     measured = sizing.size_report(
         s, gpu="h100", data_stats={"rows": 1000}, probe_result={"tokens_per_s": 5000.0}
     )
@@ -490,6 +512,22 @@ def test_cli_sizes_a_local_7b_config_against_a_named_gpu(tmp_path, capsys, monke
     assert "largest micro-batch that fits" in text and "gradient accumulation" in text
 
 
+def test_cli_lists_the_built_in_shapes(capsys):
+    from ft.cli import build_parser, main
+
+    assert main(["size", "--list-models"]) == 0
+    out = capsys.readouterr().out
+    for name, shape in sizing.PRESETS.items():
+        line = next(x for x in out.splitlines() if x.split()[:1] == [name])
+        assert f"{shape.total_params() / 1e9:.2f} B" in line
+    assert main(["size", "--list-models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == list(sizing.PRESETS)
+    assert listed[0]["config"]["hidden_size"] == sizing.PRESETS[listed[0]["name"]].hidden
+    help_text = build_parser()._subparsers._group_actions[0].choices["size"].format_help()
+    assert "--list-models" in help_text
+
+
 def test_size_report_uses_the_backend_it_is_given(gpu_settings):
     r = sizing.size_report(gpu_settings(**{"train.backend": "auto"}), gpu="h100", backend=("unsloth", "test"))
     assert (r.backend, r.backend_reason) == ("unsloth", "test")
@@ -591,3 +629,128 @@ def test_bench_tables_from_synthetic_results(tmp_path):
     sweep = {r["backend"]: r for r in data["sizing"]}
     assert sweep["unsloth"]["measured_peak_gib"] == 2.0 and sweep["hf"]["oom"] is True
     assert "| qwen2.5-0.5b | 1 × 4096 | hf |" in md and "| OOM |" in md
+
+
+# -- calibration against issue 8's H100 figures ---------------------------------------------------------
+# Independent H100 measurements (issue 8, item 6; unsloth 2026.10.5, trl 1.14.2, transformers 5.17.0, peft
+# 0.21, bitsandbytes 0.50.2; random-weight shapes, LoRA r16/alpha 32 on all seven projections, adamw_8bit,
+# gradient checkpointing, fixed-length rows) were given as errors of ft size's predictions, not as
+# absolute peaks. The measured peaks below are inferred from them: the prediction ft size made at commit
+# ee08e31 (GiB, column `then`) divided by (1 + the stated error). Unsloth: "within +-3%" for the 7B, 14B,
+# Llama-8B and 1.5B shapes (taken as 0; the points are this table's choice); hf: "+11% to +16%" for 1.5B
+# 16x2048 and 4x2048 and 7B 8x1024 (taken as +13.5%), "within 2%" for 14B 1x2048 and 0.5B 4x1024 (0);
+# both backends "30-50%" over at 0.5B 4x512 (+40%).
+H100 = [  # backend, shape, micro-batch, seq, then (GiB), stated error
+    ("unsloth", "qwen2.5-7b", 2, 2048, 6.518, 0.0),
+    ("unsloth", "qwen2.5-7b", 8, 1024, 7.335, 0.0),
+    ("unsloth", "qwen2.5-14b", 1, 2048, 10.753, 0.0),
+    ("unsloth", "llama-3.1-8b", 2, 2048, 6.610, 0.0),
+    ("unsloth", "qwen2.5-1.5b", 4, 2048, 2.033, 0.0),
+    ("unsloth", "qwen2.5-1.5b", 16, 2048, 4.250, 0.0),
+    ("unsloth", "qwen2.5-0.5b", 4, 512, 1.148, 0.40),
+    ("hf", "qwen2.5-1.5b", 16, 2048, 17.035, 0.135),
+    ("hf", "qwen2.5-1.5b", 4, 2048, 5.556, 0.135),
+    ("hf", "qwen2.5-7b", 8, 1024, 16.196, 0.135),
+    ("hf", "qwen2.5-14b", 1, 2048, 16.850, 0.0),
+    ("hf", "qwen2.5-0.5b", 4, 1024, 1.998, 0.0),
+    pytest.param(
+        "hf",
+        "qwen2.5-0.5b",
+        4,
+        512,
+        1.812,
+        0.40,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="not reconciled: with 0.5B 4x1024 within 2%, this point needs ~0.6 GiB (~300 KB per "
+            "token) more transient memory at 4x1024 than at 4x512, more than the whole per-token "
+            "activation the hf code paths explain at 0.5B; needs the measured grid (gpu_check.py)",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "model", "micro", "seq", "then", "error"), H100)
+def test_predictions_within_ten_percent_of_the_h100_figures(backend, model, micro, seq, then, error):
+    measured = then / (1 + error) * GIB
+    e = sizing.estimate(
+        model,
+        seq_len=seq,
+        micro_batch=micro,
+        backend=backend,
+        optimizer="adamw_8bit",
+        gpu_memory_bytes=80 * GIB,
+    )
+    assert e.inputs["loss"] == ("unsloth_fused" if backend == "unsloth" else "chunked_nll")
+    err = e.peak_allocated_bytes / measured - 1
+    assert abs(err) <= 0.10, f"{err:+.1%}"
+    if backend == "unsloth" and error == 0.0:
+        assert abs(err) <= 0.03, f"{err:+.1%}"  # the issue's Unsloth figures were within 3%: kept
+
+
+def test_trl_still_casts_quantised_lora_weights_to_bf16():
+    """The hf backend's bf16 LoRA terms rest on this line of TRL's SFTTrainer (read without importing trl)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        pytest.skip("trl not installed")
+    text = (Path(spec.origin).parent / "trainer" / "sft_trainer.py").read_text()
+    cast = text.index("param.data = param.data.to(torch.bfloat16)")
+    assert "if _is_quantized_model:" in text[cast - 300 : cast]
+
+
+def test_size_report_uses_unsloth_s_fused_loss(gpu_settings):
+    r = sizing.size_report(gpu_settings("qwen2.5-7b", **{"train.backend": "unsloth"}), gpu="h100")
+    assert r.estimate.inputs["loss"] == "unsloth_fused" and "loss unsloth_fused" in r.render()
+    hf = sizing.size_report(gpu_settings("qwen2.5-7b", **{"train.backend": "hf"}), gpu="h100")
+    assert hf.estimate.inputs["loss"] == "chunked_nll"
+
+
+# -- eval ---------------------------------------------------------------------------------------------
+def test_eval_phases_by_hand_7b():
+    B, P, N = 8, 1024, 128
+    ph = sizing.eval_phases("qwen2.5-7b", B, prompt_tokens=P, new_tokens=N, loss_tokens=2048)
+    gen, loss = ph["generation"], ph["loss"]
+    assert gen["KV cache (prompt + new tokens)"] == 2 * L * KVD * (P + N) * B * 2
+    assert gen["last-position logits (16-bit, fp32 copy, scores)"] == B * V * (2 + 4 + 4)
+    layer = 2 * (3 * H + H + 2 * KVD + H) + 3 * 2 * FF
+    assert gen["prefill: one layer's activations"] == layer * B * P
+    assert gen["dequantised weight (transient)"] == 2 * H * FF
+    assert loss["logits chunk (16-bit, then fp32)"] == (256 << 20) + 2 * V * ((256 << 20) // (4 * V))
+    # the loss phase at 8 x 2048 is a fraction of the batch x tokens x vocab fp32 logits eval used to build
+    full = 8 * 2048 * V * 4
+    assert (
+        sum(
+            sizing.eval_phases("qwen2.5-7b", 8, prompt_tokens=P, new_tokens=N, loss_tokens=2048)[
+                "loss"
+            ].values()
+        )
+        < full / 3
+    )
+
+
+def test_eval_batch_that_fits_steps_down_with_free_memory():
+    kw = {"prompt_tokens": 1024, "new_tokens": 128}
+    need = {b: sizing.eval_transient_bytes("qwen2.5-7b", b, **kw) for b in (1, 4, 8)}
+    assert need[1] < need[4] < need[8]
+
+    def room(b):
+        return int(need[b] * (1 + sizing.ALLOCATOR_RESERVE_FRACTION) / (1 - sizing.FIT_SAFETY_FRACTION)) + 1
+
+    assert sizing.eval_batch_that_fits("qwen2.5-7b", room(8), 8, **kw) == 8
+    assert sizing.eval_batch_that_fits("qwen2.5-7b", room(4), 8, **kw) == 4
+    assert sizing.eval_batch_that_fits("qwen2.5-7b", 1000, 8, **kw) == 1  # never below 1: OOM steps then
+
+
+def test_size_report_shows_eval(gpu_settings):
+    s = gpu_settings(
+        "qwen2.5-7b", **{"train.backend": "hf", "eval.batch_size": 64, "eval.max_new_tokens": 512}
+    )
+    small = sizing.size_report(s, gpu="rtx4090").eval
+    big = sizing.size_report(s, gpu="h100").eval
+    assert small["batch_size"] == big["batch_size"] == 64
+    assert small["batch_that_fits"] < big["batch_that_fits"] <= 64
+    assert small["peak_allocated_bytes"] == small["persistent_bytes"] + small["phases"][small["phase"]]
+    text = sizing.size_report(s, gpu="rtx4090").render()
+    assert "eval: batch 64 x (2048 prompt + 512 new tokens)" in text and "largest that fits" in text

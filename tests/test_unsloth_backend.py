@@ -3,6 +3,8 @@ recipe maps onto FastLanguageModel (against a fake `unsloth` module that records
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -198,47 +200,204 @@ def test_device_must_be_cuda(tiny_settings):
         unsloth.load_for_eval(s, "adapter", "cpu")
 
 
-# -- the recipe -> FastLanguageModel mapping, against a recording fake ------------------------------
+# -- the recipe -> FastLanguageModel mapping, against a fake at Unsloth's real signatures ------------------
+# unsloth 2026.10.5: FastLanguageModel.from_pretrained (models/loader.py), FastLlamaModel.get_peft_model and
+# patch_peft_model (models/llama.py), apply_unsloth_gradient_checkpointing (models/_utils.py), the name
+# mapper (models/mapper.py, loader_utils.get_model_name). The fake does what ft depends on: swaps a mapped
+# Hub id for Unsloth's pre-quantised repo and drops `revision` unless use_exact_model_name; falls back from
+# "unsloth" to standard checkpointing below 512 tokens; fuses a layer's QKV / O / MLP LoRA only where the
+# projections are all adapted and bias-free, with lora_dropout 0 and bias "none".
+MAPPED = {"qwen/qwen2.5-0.5b-instruct": "unsloth/Qwen2.5-0.5B-Instruct-bnb-4bit"}
+MLP, ATTN = ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _proj(bias: bool):
+    return types.SimpleNamespace(bias=object() if bias else None)
+
+
+def original_apply_qkv(self, X):  # Unsloth's unfused defaults (llama.py)
+    pass
+
+
+def original_apply_o(self, X):
+    pass
+
+
+def apply_lora_qkv(self, X):  # its fused kernels (kernels/fast_lora.py)
+    pass
+
+
+def apply_lora_o(self, X):
+    pass
+
+
+def apply_lora_mlp_swiglu(self, X):
+    pass
+
+
 class FakeModel:
-    def __init__(self):
+    """A decoder of `layers` layers; Qwen2's q/k/v carry a bias, Llama's do not."""
+
+    def __init__(self, name: str, revision: str | None, arch: str = "qwen2", layers: int = 2, max_seq=2048):
         import torch
 
-        self.config = types.SimpleNamespace(dtype=torch.bfloat16)
-        attn = types.SimpleNamespace(apply_qkv=None, apply_o=None)
-        mlp = types.SimpleNamespace(forward=lambda *a: None)
-        self.model = types.SimpleNamespace(layers=[types.SimpleNamespace(self_attn=attn, mlp=mlp)])
+        self.config = types.SimpleNamespace(
+            dtype=torch.bfloat16,
+            model_type=arch,
+            _name_or_path=name,
+            _commit_hash=hashlib.sha1(f"{name}@{revision or 'main'}".encode()).hexdigest(),
+        )
+        self.max_seq_length = max_seq
+        qkv_bias = arch == "qwen2"
+        self.model = types.SimpleNamespace(layers=[])
+        for _ in range(layers):
+            attn = types.SimpleNamespace(apply_qkv=original_apply_qkv, apply_o=original_apply_o)
+            for n in ATTN:
+                setattr(attn, n, _proj(qkv_bias and n != "o_proj"))
+            mlp = types.SimpleNamespace(forward=lambda X: X, **{n: _proj(False) for n in MLP})
+            self.model.layers.append(types.SimpleNamespace(self_attn=attn, mlp=mlp))
 
     def get_nb_trainable_parameters(self):
         return 123, 4567
 
 
-@pytest.fixture
-def fake_fast(monkeypatch):
-    calls: dict = {}
+def unsloth_from_pretrained(  # FastLanguageModel.from_pretrained's signature, unsloth 2026.10.5
+    model_name="unsloth/Llama-3.2-1B-Instruct",
+    max_seq_length=2048,
+    dtype=None,
+    load_in_4bit=True,
+    load_in_8bit=False,
+    load_in_16bit=False,
+    full_finetuning=False,
+    token=None,
+    device_map="sequential",
+    device_map_planner_kwargs=None,
+    rope_scaling=None,
+    fix_tokenizer=True,
+    trust_remote_code=False,
+    use_gradient_checkpointing="unsloth",
+    resize_model_vocab=None,
+    revision=None,
+    use_exact_model_name=False,
+    offload_embedding=None,
+    float32_mixed_precision=None,
+    fast_inference=False,
+    gpu_memory_utilization=0.5,
+    float8_kv_cache=False,
+    random_state=3407,
+    max_lora_rank=64,
+    disable_log_stats=True,
+    qat_scheme=None,
+    load_in_fp8=False,
+    unsloth_tiled_mlp=False,
+    text_only=False,
+    *args,
+    on_model_resolved=None,
+    **kwargs,
+): ...
 
-    def apply_lora_qkv():  # Unsloth's names for its fused LoRA paths
-        pass
 
+def unsloth_get_peft_model(  # FastLlamaModel.get_peft_model's signature, unsloth 2026.10.5
+    model,
+    r=16,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_alpha=16,
+    lora_dropout=0.0,
+    bias="none",
+    layers_to_transform=None,
+    layers_pattern=None,
+    finetune_last_n_layers=None,
+    use_gradient_checkpointing="unsloth",
+    random_state=3407,
+    max_seq_length=2048,
+    use_rslora=False,
+    modules_to_save=None,
+    init_lora_weights=True,
+    loftq_config={},  # noqa: B006 - Unsloth's own default
+    temporary_location="_unsloth_temporary_saved_buffers",
+    qat_scheme=None,
+    target_parameters=None,
+    ensure_weight_tying=None,
+    offload_layers=None,
+    checkpoint_skip_layers=0,
+    **kwargs,
+): ...
+
+
+def bind(signature_of, args, kw) -> dict:
+    """The call's arguments with defaults; anything ft passes must be one of Unsloth's own parameters
+    (the rest would travel on through **kwargs to transformers or PEFT)."""
+    bound = inspect.signature(signature_of).bind(*args, **kw)
+    assert not bound.arguments.get("args") and not bound.arguments.get("kwargs"), bound.arguments
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def make_fast(calls: dict, arch: str = "qwen2", honour_exact_name: bool = True):
     class FastLanguageModel:
         @staticmethod
-        def from_pretrained(**kw):
+        def from_pretrained(*args, **kw):
+            a = bind(unsloth_from_pretrained, args, kw)
             calls["from_pretrained"] = kw
-            return FakeModel(), object()
+            name, revision = a["model_name"], a["revision"]
+            exact = a["use_exact_model_name"] and honour_exact_name
+            if not exact and name.lower() in MAPPED and a["load_in_4bit"]:
+                name, revision = MAPPED[name.lower()], None  # loader.py: _revision_for_resolved_repo
+            return FakeModel(name, revision, arch, max_seq=a["max_seq_length"]), object()
 
         @staticmethod
-        def get_peft_model(model, **kw):
+        def get_peft_model(*args, **kw):
+            a = bind(unsloth_get_peft_model, args, kw)
             calls["get_peft_model"] = kw
-            model.model.layers[0].self_attn.apply_qkv = apply_lora_qkv
+            model = a["model"]
+            gc = a["use_gradient_checkpointing"]
+            if gc == "unsloth" and getattr(model, "max_seq_length", 512) < 512:
+                gc = True  # apply_unsloth_gradient_checkpointing
+            model._unsloth_gradient_checkpointing = gc  # patch_peft_model records the effective mode
+            for layer in model.model.layers:
+                for part, names in ((layer.self_attn, ATTN), (layer.mlp, MLP)):
+                    for n in names:
+                        if n in a["target_modules"]:
+                            getattr(part, n).lora_A = {}
+
+                def fusable(part, names):
+                    return all(
+                        hasattr(getattr(part, n), "lora_A") and getattr(part, n).bias is None for n in names
+                    )
+
+                if a["lora_dropout"] == 0 and a["bias"] == "none":
+                    if fusable(layer.mlp, MLP):
+                        layer.mlp.forward = types.MethodType(apply_lora_mlp_swiglu, layer.mlp)
+                    if fusable(layer.self_attn, ATTN[:3]):
+                        layer.self_attn.apply_qkv = apply_lora_qkv
+                    if fusable(layer.self_attn, ATTN[3:]):
+                        layer.self_attn.apply_o = apply_lora_o
             return model
 
         @staticmethod
         def for_inference(model):
             calls["for_inference"] = model
 
-    fake = types.ModuleType("unsloth")
-    fake.FastLanguageModel = FastLanguageModel
-    monkeypatch.setitem(sys.modules, "unsloth", fake)
-    return calls
+    return FastLanguageModel
+
+
+@pytest.fixture
+def fake_unsloth(monkeypatch):
+    """fake_unsloth(arch=..., honour_exact_name=...) -> the calls the fake FastLanguageModel recorded."""
+
+    def install(**kw) -> dict:
+        calls: dict = {}
+        fake = types.ModuleType("unsloth")
+        fake.FastLanguageModel = make_fast(calls, **kw)
+        monkeypatch.setitem(sys.modules, "unsloth", fake)
+        return calls
+
+    return install
+
+
+@pytest.fixture
+def fake_fast(fake_unsloth):
+    return fake_unsloth()
 
 
 def test_training_load_maps_the_recipe(tiny_settings, fake_fast):
@@ -269,7 +428,10 @@ def test_training_load_maps_the_recipe(tiny_settings, fake_fast):
     assert peft["use_gradient_checkpointing"] == "unsloth" and peft["random_state"] == 7
     assert loaded.backend == "unsloth" and loaded.quantization == "nf4" and loaded.dtype == "bfloat16"
     assert loaded.info["trainable_params"] == 123
-    assert loaded.info["patched"] == {"layers": 1, "qkv": 1, "o": 0, "mlp": 0}
+    # only q and v adapted (and Qwen2's q/k/v have a bias): no fused kernel runs; the record says why
+    assert loaded.info["patched"] == {"layers": 2, "qkv": 0, "o": 0, "mlp": 0}
+    assert loaded.info["not_fused"]["qkv"] == "no LoRA adapter on k_proj (lora.target_modules)"
+    assert fp["use_exact_model_name"] is True and loaded.info["gradient_checkpointing"] == "unsloth"
     assert "unsloth" in loaded.info and "unsloth_zoo" in loaded.info
     assert loaded.tokenizer.chat_template  # ft's tokenizer, as the data was encoded with it
 
@@ -338,6 +500,133 @@ def test_trainer_class_is_trls_with_unsloths_checkpointing_settings(fake_fast):
 
     cls = unsloth.trainer_class()
     assert issubclass(cls, SFTTrainer) and unsloth.trainer_class() is cls
+
+
+HUB = "Qwen/Qwen2.5-0.5B-Instruct"  # in Unsloth's mapper: unsloth/Qwen2.5-0.5B-Instruct-bnb-4bit
+
+
+@pytest.fixture
+def hub_settings(tiny_settings, monkeypatch, tiny_tokenizer):
+    """Settings for a Hub model on Unsloth (4-bit, all seven projections); the tokenizer stays offline."""
+    monkeypatch.setattr("ft.modelref.load_tokenizer", lambda *a, **k: tiny_tokenizer)
+
+    def make(**overrides):
+        base = {
+            "model.name_or_path": HUB,
+            "model.revision": "7ae557604adf67be50417f59c2c2f167def9a775",
+            "model.quantization": "nf4",
+            "train.backend": "unsloth",
+            "train.device": "auto",
+            "train.max_seq_length": 1024,
+            "train.gradient_checkpointing": True,
+            "lora.target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        }
+        return tiny_settings(**{**base, **overrides})
+
+    return make
+
+
+def test_unsloth_loads_exactly_the_named_repo_and_revision(hub_settings, fake_unsloth, monkeypatch):
+    """Issue 8.2: without use_exact_model_name Unsloth trains its own pre-quantised repo and drops the pin."""
+    from ft.backends import unsloth
+
+    calls = fake_unsloth()
+    s = hub_settings()
+    loaded = unsloth.load_for_training(s, "cuda")
+    fp = calls["from_pretrained"]
+    assert (fp["model_name"], fp["revision"], fp["use_exact_model_name"]) == (HUB, s.model.revision, True)
+    commit = hashlib.sha1(f"{HUB}@{s.model.revision}".encode()).hexdigest()  # what the fake resolves to
+    assert loaded.info["weights"] == {"name_or_path": HUB, "revision": s.model.revision, "commit": commit}
+
+    monkeypatch.setattr("peft.PeftModel.from_pretrained", lambda model, *a, **k: model)
+    evaluated = unsloth.load_for_eval(s, "adapter", "cuda")
+    assert calls["from_pretrained"]["use_exact_model_name"] is True
+    assert evaluated.info["weights"] == loaded.info["weights"]
+
+
+def test_unsloth_loading_another_repo_is_refused(hub_settings, fake_unsloth):
+    """An Unsloth that swaps the repo anyway (a future version ignoring the flag) does not train silently."""
+    from ft.backends import unsloth
+
+    fake_unsloth(honour_exact_name=False)
+    with pytest.raises(FtError, match="Unsloth loaded 'unsloth/Qwen2.5-0.5B-Instruct-bnb-4bit' instead of"):
+        unsloth.load_for_training(hub_settings(), "cuda")
+
+
+@pytest.mark.parametrize("seq, effective", [(256, True), (511, True), (512, "unsloth"), (2048, "unsloth")])
+def test_the_checkpointing_unsloth_really_applies_is_recorded(hub_settings, fake_unsloth, seq, effective):
+    """Issue 8.5: below 512 tokens Unsloth runs standard checkpointing, not its offloaded "unsloth" mode."""
+    from ft.backends import unsloth
+
+    calls = fake_unsloth()
+    loaded = unsloth.load_for_training(hub_settings(**{"train.max_seq_length": seq}), "cuda")
+    assert calls["get_peft_model"]["use_gradient_checkpointing"] == "unsloth"  # what ft asks for
+    assert loaded.info["gradient_checkpointing"] == effective
+    assert loaded.info.get("gradient_checkpointing_requested") == (
+        None if effective == "unsloth" else "unsloth"
+    )
+
+
+@pytest.mark.parametrize(
+    "arch, patched, not_fused",
+    [
+        ("qwen2", {"layers": 2, "qkv": 0, "o": 2, "mlp": 2}, {"qkv": "q_proj, k_proj, v_proj have a bias"}),
+        ("llama", {"layers": 2, "qkv": 2, "o": 2, "mlp": 2}, {}),
+    ],
+)
+def test_fused_kernels_are_read_from_the_model_per_architecture(
+    hub_settings, fake_unsloth, arch, patched, not_fused
+):
+    """Issue 8.5: Unsloth fuses QKV only where q/k/v have no bias, so never on Qwen2 (its log line counts
+    them anyway); the record counts what the layers really run."""
+    from ft.backends import unsloth
+
+    fake_unsloth(arch=arch)
+    loaded = unsloth.load_for_training(hub_settings(), "cuda")
+    assert loaded.info["patched"] == patched
+    got = {k: v.split(";")[0] for k, v in loaded.info.get("not_fused", {}).items()}
+    assert got == not_fused
+
+
+def test_lora_dropout_keeps_every_kernel_unfused_and_says_so(hub_settings, fake_unsloth):
+    from ft.backends import unsloth
+
+    fake_unsloth(arch="llama")
+    loaded = unsloth.load_for_training(hub_settings(**{"lora.dropout": 0.05}), "cuda")
+    assert loaded.info["patched"] == {"layers": 2, "qkv": 0, "o": 0, "mlp": 0}
+    assert set(loaded.info["not_fused"].values()) == {"lora.dropout > 0"}
+
+
+def test_import_refuses_after_cuda_was_initialised(fake_unsloth_pkg):
+    """Unsloth's import sets PYTORCH_ALLOC_CONF=expandable_segments:True (unsloth_zoo/__init__.py), which
+    torch reads only when it initialises CUDA: imported later, the setting is silently lost."""
+    out = run_py(
+        """
+        import sys, torch
+        import ft.manifest
+        ft.manifest.cuda_available = lambda: True
+        torch.cuda.is_initialized = lambda: True  # as after torch.cuda.get_device_properties(0) on a GPU
+        from ft.backends.unsloth import import_unsloth
+        from ft.errors import FtError
+        try:
+            import_unsloth()
+        except FtError as e:
+            print("FtError:", e)
+        print("imported:", "unsloth" in sys.modules)
+        """,
+        pythonpath=fake_unsloth_pkg,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "must be imported before CUDA is initialised" in out.stdout
+    assert "PYTORCH_ALLOC_CONF" in out.stdout and "imported: False" in out.stdout
 
 
 # -- `ft train`'s real path (ft.train.train) through the unsloth backend, on CPU ----------------------------

@@ -50,6 +50,19 @@ class Loaded:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def weights_info(model, settings) -> dict[str, Any]:
+    """Which weights a backend loaded: the repo (or directory) and revision the recipe names, and the Hub
+    commit they resolved to, which transformers records on the config (`_commit_hash`; None for a local
+    directory outside the Hugging Face cache). Goes into the run's record with the backend's info."""
+    config = getattr(model, "config", None)
+    commit = getattr(config, "_commit_hash", None)
+    return {
+        "name_or_path": settings.model.name_or_path,
+        "revision": settings.model.revision,
+        "commit": commit if isinstance(commit, str) else None,
+    }
+
+
 def choose(settings, device: str, model_type: str | None) -> tuple[str, str]:
     """Pick the backend for this run; returns (name, reason) and the reason goes into the run manifest."""
     wanted = settings.train.backend

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ft.backends import Loaded
+from ft.backends import Loaded, weights_info
 from ft.errors import FtError
 from ft.modelref import _not_found, load_tokenizer, resolve_model_path
 
@@ -19,7 +19,8 @@ def resolve_dtype(settings, device: str):
     if name == "auto":
         if device != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without including_emulation=False, torch counts bf16 that Turing/Volta (T4, V100) only emulate.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return getattr(torch, name)
 
 
@@ -101,7 +102,12 @@ def load_for_training(settings, device: str) -> Loaded:
         device,
         dtype,
         quant,
-        info={"trainable_params": trainable, "total_params": total},
+        info={
+            "weights": weights_info(model, settings),
+            "trainable_params": trainable,
+            "total_params": total,
+            "gradient_checkpointing": bool(settings.train.gradient_checkpointing),
+        },
     )
 
 
@@ -114,7 +120,9 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
-    return Loaded(model, tokenizer, "hf", device, dtype, quant)
+    return Loaded(
+        model, tokenizer, "hf", device, dtype, quant, info={"weights": weights_info(model, settings)}
+    )
 
 
 def trainer_class():

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ft.backends import Loaded
+from ft.backends import Loaded, weights_info
 from ft.errors import FtError
 
 # Libraries Unsloth patches at import time; any of them loaded first defeats the patches.
@@ -28,6 +28,12 @@ PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
 
 def loaded_too_early() -> list[str]:
     return [name for name in PATCHED_BY_UNSLOTH if name in sys.modules]
+
+
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA (without importing torch to find out)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
 
 
 def import_unsloth() -> ModuleType:
@@ -47,6 +53,14 @@ def import_unsloth() -> ModuleType:
             f"{', '.join(early)} {'is' if len(early) == 1 else 'are'} already loaded in this process",
             hint="call ft.backends.unsloth.import_unsloth() at the start of the command, before loading the "
             "tokenizer or any model; Unsloth patches these libraries when it is imported",
+        )
+    if cuda_initialized():
+        raise FtError(
+            "train.backend: unsloth must be imported before CUDA is initialised, but this process has "
+            "already initialised it",
+            hint="call ft.backends.unsloth.import_unsloth() before anything asks torch.cuda for device facts "
+            "or memory; Unsloth's import sets PYTORCH_ALLOC_CONF=expandable_segments:True, which torch "
+            "reads only when it initialises CUDA",
         )
     try:
         import unsloth
@@ -87,12 +101,17 @@ def _from_pretrained(settings, *, for_training: bool):
     from ft.modelref import resolve_model_path
 
     m, t = settings.model, settings.train
+    name = resolve_model_path(m.name_or_path)
     kwargs: dict[str, Any] = {
-        "model_name": resolve_model_path(m.name_or_path),
+        "model_name": name,
         "max_seq_length": t.max_seq_length,
         "dtype": _dtype(settings),
         "load_in_4bit": _load_4bit(settings),
         "revision": m.revision,
+        # Without it Unsloth's mapper swaps a Hub id for its own pre-quantised repo (Qwen/Qwen2.5-7B-Instruct
+        # -> unsloth/Qwen2.5-7B-Instruct-bnb-4bit) and drops `revision` with a warning: other weights than
+        # the hf backend's, an ignored pin, and an offline load that fails with only the original cached.
+        "use_exact_model_name": True,
         "trust_remote_code": m.trust_remote_code,
         "random_state": t.seed,
     }
@@ -104,6 +123,14 @@ def _from_pretrained(settings, *, for_training: bool):
         from ft.modelref import _not_found
 
         raise _not_found(m.name_or_path, exc) from None
+    loaded_from = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if loaded_from and str(loaded_from).rstrip("/").lower() != str(name).rstrip("/").lower():
+        raise FtError(
+            f"model.name_or_path: Unsloth loaded {loaded_from!r} instead of {m.name_or_path!r}; "
+            "ft trains only the weights the recipe names",
+            hint="this Unsloth version ignores use_exact_model_name; use train.backend: hf, or the "
+            "Unsloth version of the lockfile",
+        )
     return FastLanguageModel, model, unsloth_tokenizer
 
 
@@ -112,21 +139,77 @@ def gradient_checkpointing_mode(settings) -> str | bool:
     return "unsloth" if settings.train.gradient_checkpointing else False
 
 
-def _patched(model) -> dict[str, Any]:
-    """What Unsloth's fast paths took over: counted from the decoder layers it rewired."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(inner, "model", None), "layers", None) or []
+def effective_gradient_checkpointing(model, settings) -> str | bool:
+    """The checkpointing Unsloth really applies, as get_peft_model recorded it on the model.
 
-    def uses(obj, attr: str) -> bool:
-        fn = getattr(obj, attr, None)
-        return "lora" in getattr(fn, "__name__", "").lower()
+    Unsloth's offloaded mode ("unsloth") falls back to standard checkpointing (True) when the model's
+    max_seq_length is below 512 (unsloth/models/_utils.py, apply_unsloth_gradient_checkpointing: the
+    offloading costs more than it saves there); patch_peft_model stores the outcome in
+    `model._unsloth_gradient_checkpointing`. Where it is absent, the request stands.
+    """
+    value = getattr(model, "_unsloth_gradient_checkpointing", None)
+    return gradient_checkpointing_mode(settings) if value is None else value
 
-    return {
-        "layers": len(layers),
-        "qkv": sum(uses(layer.self_attn, "apply_qkv") for layer in layers),
-        "o": sum(uses(layer.self_attn, "apply_o") for layer in layers),
-        "mlp": sum(uses(layer.mlp, "forward") for layer in layers),
+
+def _fn_name(fn) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial (Unsloth's non-inplace MLP kernel for Cohere)
+    return getattr(fn, "__name__", "") or ""
+
+
+def _fused(obj, attr: str) -> bool:
+    """Unsloth's fused LoRA kernels are apply_lora_qkv / apply_lora_o / apply_lora_mlp_* (fast_lora.py)."""
+    return "lora" in _fn_name(getattr(obj, attr, None)).lower()
+
+
+def _base(proj):
+    return getattr(proj, "base_layer", proj)
+
+
+def _why_not_fused(layer, kernel: str, settings) -> str:
+    """Why Unsloth left a layer's `kernel` on PEFT's own forward, from the conditions of its
+    FastLlamaModel.patch_peft_model (unsloth/models/llama.py): every projection adapted, none with a bias,
+    lora_dropout 0, a 16-bit (or 4-bit) base."""
+    holder = layer.mlp if kernel == "mlp" else layer.self_attn
+    names = {
+        "qkv": ("q_proj", "k_proj", "v_proj"),
+        "o": ("o_proj",),
+        "mlp": ("gate_proj", "up_proj", "down_proj"),
     }
+    projs = {n: getattr(holder, n, None) for n in names[kernel]}
+    missing = [n for n, p in projs.items() if p is None or not hasattr(p, "lora_A")]
+    if missing:
+        return f"no LoRA adapter on {', '.join(missing)} (lora.target_modules)"
+    biased = [n for n, p in projs.items() if getattr(_base(p), "bias", None) is not None]
+    if biased:
+        return f"{', '.join(biased)} {'has' if len(biased) == 1 else 'have'} a bias; Unsloth fuses only bias-free projections"
+    if settings is not None and settings.lora.dropout > 0:
+        return "lora.dropout > 0"
+    return "Unsloth kept PEFT's forward (a 32-bit base, or a layout its kernels do not read)"
+
+
+def fused_kernels(model, settings=None) -> dict[str, Any]:
+    """Which of Unsloth's fused LoRA kernels run, counted over the decoder layers after get_peft_model.
+
+    Read from the model, not from Unsloth's log line: that line counts a Qwen2 layer's QKV as patched
+    although q/k/v carry a bias and keep PEFT's forward. `not_fused` says why a kernel is missing from
+    some layers.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(getattr(getattr(inner, "model", None), "layers", None) or [])
+    slots = {"qkv": ("self_attn", "apply_qkv"), "o": ("self_attn", "apply_o"), "mlp": ("mlp", "forward")}
+    counts: dict[str, Any] = {"layers": len(layers)}
+    not_fused: dict[str, str] = {}
+    for kernel, (part, attr) in slots.items():
+        unfused = [layer for layer in layers if not _fused(getattr(layer, part, None), attr)]
+        counts[kernel] = len(layers) - len(unfused)
+        if unfused:
+            not_fused[kernel] = _why_not_fused(unfused[0], kernel, settings)
+    return {**counts, "not_fused": not_fused} if not_fused else counts
+
+
+def _patched(model) -> dict[str, Any]:
+    """Fused-kernel counts per kind (the benchmark's bare Unsloth loop records these too)."""
+    return {k: v for k, v in fused_kernels(model).items() if k != "not_fused"}
 
 
 def _dtype_name(model) -> str:
@@ -161,13 +244,21 @@ def load_for_training(settings, device: str) -> Loaded:
         settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
     )
     trainable, total = model.get_nb_trainable_parameters()
+    kernels = fused_kernels(model, settings)
+    requested = gradient_checkpointing_mode(settings)
+    effective = effective_gradient_checkpointing(model, settings)
     info = {
         **_versions(),
+        "weights": weights_info(model, settings),
         "trainable_params": trainable,
         "total_params": total,
-        "gradient_checkpointing": gradient_checkpointing_mode(settings),
-        "patched": _patched(model),
+        "gradient_checkpointing": effective,
+        "patched": {k: v for k, v in kernels.items() if k != "not_fused"},
     }
+    if effective != requested:
+        info["gradient_checkpointing_requested"] = requested
+    if kernels.get("not_fused"):
+        info["not_fused"] = kernels["not_fused"]
     if settings.lora.dropout > 0:
         info["note"] = "lora.dropout > 0 keeps Unsloth off its fused LoRA kernels (slower)"
     quant = "nf4" if _load_4bit(settings) else "none"
@@ -194,7 +285,8 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
         settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
     )
     quant = "nf4" if _load_4bit(settings) else "none"
-    return Loaded(model, tokenizer, "unsloth", device, _dtype_name(model), quant, info=_versions())
+    info = {**_versions(), "weights": weights_info(model, settings)}
+    return Loaded(model, tokenizer, "unsloth", device, _dtype_name(model), quant, info=info)
 
 
 _TRAINER_CLASS: type | None = None

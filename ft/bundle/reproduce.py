@@ -5,17 +5,29 @@ environment facts that most often change results (package versions, lockfile, im
 CUDA) are set side by side with the sealed ones. Metrics pass when each tuned-model metric is within
 the recipe's tolerance of the sealed value and the KEEP/DISCARD verdict is unchanged. This module only
 compares; retraining is wired by the CLI.
+
+A bundle comes from someone else, so rerunning it must not run its code: a model is never loaded from a
+path inside a bundle (a model folder can carry Python files and pickles), and a recipe asking for
+`model.trust_remote_code` is refused unless the user says so (`--trust-remote-code`) and the bundle's
+signature verifies with the key they name. Every rerun gets a fresh work folder, removed whole when the
+rerun fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ft.bundle import open_bundle
+from ft.bundle import VerifyReport, open_bundle
+from ft.bundle.identity import MANIFEST
 from ft.errors import FtError
+from ft.manifest import lock_summary
 
 VERSIONED = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "unsloth")
 
@@ -64,6 +76,8 @@ def env_facts(env: dict[str, Any]) -> dict[str, str | None]:
         facts[name] = packages.get(name) or (_get(env, "torch", "version") if name == "torch" else None)
     facts |= {
         "lockfile sha256": _get(env, "lockfile", "sha256"),
+        # The sha256 alone vouches for nothing if other versions were installed (ft.manifest.lock_status).
+        "installed vs lockfile": lock_summary(env.get("lock")),
         "image id": _get(env, "image", "id"),
         "git commit": env.get("git_commit") or _get(env, "git", "commit"),
         "GPU": ", ".join(str(d.get("name")) for d in devices if isinstance(d, dict)) or None,
@@ -158,6 +172,76 @@ def load_bundle(
     return bundle_dir, report.manifest or {}
 
 
+def _inside(path: str, folder: Path) -> bool:
+    return os.path.commonpath([path, os.path.realpath(folder)]) == os.path.realpath(folder)
+
+
+def check_no_bundle_code(
+    recipe: dict[str, Any],
+    report: VerifyReport,
+    bundle_dir: Path,
+    work_root: Path,
+    *,
+    trust_remote_code: bool,
+) -> None:
+    """Refuse, before anything is loaded, a rerun that would run code the bundle brought or chose."""
+    model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
+    name = str(model.get("name_or_path") or "")
+    if model.get("trust_remote_code") is True:
+        if not trust_remote_code:
+            raise FtError(
+                "recipe.resolved.yaml: model.trust_remote_code is true: refusing to run the model code for "
+                f"{name!r} that this bundle asks for (it would execute on this machine); if you trust the "
+                "bundle's signer, pass --trust-remote-code together with --key SIGNER.pub"
+            )
+        if not report.signed:
+            raise FtError(
+                "--trust-remote-code: refused because the bundle's signature was not checked "
+                f"({'no --key given' if report.signature_present else 'the bundle is unsigned'}); model code "
+                "named by a bundle runs only when its signature verifies with the key you name"
+            )
+    local = Path(name).expanduser()
+    if name and not name.startswith("builtin:") and local.exists():
+        real = os.path.realpath(local)
+        in_a_bundle = any((Path(p) / MANIFEST).is_file() for p in [real, *map(str, Path(real).parents)])
+        if _inside(real, bundle_dir) or _inside(real, work_root) or in_a_bundle:
+            raise FtError(
+                f"recipe.resolved.yaml: model.name_or_path {name!r} is inside a bundle ({real}); refusing to "
+                "load it: ft reproduce never loads a model shipped in a bundle, whose folder can carry code "
+                "and pickles that run when loaded; the sealed recipe must name a Hub model or a directory of "
+                "your own"
+            )
+
+
+def _read_sealed(bundle_dir: Path, rel: str) -> Any:
+    """A sealed JSON or YAML file, or one line saying why it cannot be read (no internal errors)."""
+    import yaml
+
+    path = bundle_dir / rel
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if rel.endswith(".yaml") else json.loads(text)
+    except RecursionError:
+        raise FtError(f"{rel}: nested too deeply to read") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise FtError(f"{rel}: cannot read ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if not isinstance(data, dict):
+        raise FtError(f"{rel}: not a mapping")
+    return data
+
+
+def fresh_work_dir(work_root: Path, bundle: Path) -> Path:
+    """A new `WORK/<bundle>-<n>/` (n = 1, 2, ...): rerunning the same bundle never collides."""
+    stem = Path(bundle).name.removesuffix(".tar.gz").removesuffix(".tgz") or "bundle"
+    work_root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = work_root / f"{stem}-{n}"
+        with contextlib.suppress(FileExistsError):
+            candidate.mkdir()
+            return candidate
+    raise FtError(f"{work_root}: holds 9999 reruns of {stem}; remove old ones")
+
+
 # -- the re-run ---------------------------------------------------------------------------------------
 @dataclass
 class ReproduceOutcome:
@@ -187,7 +271,13 @@ def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[
 
     bundled = {sha256_file(p): p for p in (bundle_dir / "data").glob("*") if p.is_file()}
     mapping = {}
-    for f in data_manifest.get("files", []):
+    files = data_manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("sha256"), str)
+        for f in files
+    ):
+        raise FtError("data.json: 'files' is not a list of {name, sha256} entries")
+    for f in files:
         if f["sha256"] in bundled:
             mapping[f["name"]] = str(bundled[f["sha256"]])
             continue
@@ -205,24 +295,46 @@ def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[
     return mapping
 
 
-def reproduce(bundle: Path, work_dir: Path) -> ReproduceOutcome:
-    """Verify the bundle, re-run its exact recipe on its exact data, compare environment and metrics."""
-    import json
+def reproduce(
+    bundle: Path, work_root: Path, *, key: Path | None = None, trust_remote_code: bool = False
+) -> ReproduceOutcome:
+    """Verify the bundle, re-run its exact recipe on its exact data, compare environment and metrics.
 
-    import yaml
+    Everything goes into a fresh `work_root/<bundle>-<n>/`, removed whole (with `work_root`, when this
+    call created it and left it empty) if anything fails.
+    """
+    work_root = Path(work_root)
+    created_root = not work_root.exists()
+    work = fresh_work_dir(work_root, Path(bundle))
+    try:
+        return _reproduce(Path(bundle), work, work_root, key=key, trust_remote_code=trust_remote_code)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if created_root:
+            with contextlib.suppress(OSError):
+                work_root.rmdir()  # only when empty
+        raise
 
-    from ft import backends, manifest, pipeline
+
+def _reproduce(
+    bundle: Path, work: Path, work_root: Path, *, key: Path | None, trust_remote_code: bool
+) -> ReproduceOutcome:
     from ft.config import settings_from_dict
 
-    work_dir = Path(work_dir)
-    bundle_dir, _manifest = load_bundle(Path(bundle), work_dir / "bundle")
-    recipe = yaml.safe_load((bundle_dir / "recipe.resolved.yaml").read_text(encoding="utf-8"))
-    data_manifest = json.loads((bundle_dir / "data.json").read_text(encoding="utf-8"))
+    bundle_dir, report = open_bundle(bundle, work / "bundle", key=key)
+    recipe = _read_sealed(bundle_dir, "recipe.resolved.yaml")
+    check_no_bundle_code(recipe, report, bundle_dir, work_root, trust_remote_code=trust_remote_code)
+    settings_from_dict(recipe, str(bundle_dir / "recipe.resolved.yaml"))  # its shape, before it is edited
+    data_manifest = _read_sealed(bundle_dir, "data.json")
+    sealed_env = _read_sealed(bundle_dir, "env.json")
+    sealed_report = _read_sealed(bundle_dir, "eval/report.json")
     paths = _sealed_data_paths(bundle_dir, data_manifest)
     recipe["data"]["train"] = [paths.get(p, p) for p in recipe["data"]["train"]]
     recipe["data"]["eval"] = [paths.get(p, p) for p in recipe["data"]["eval"]]
-    recipe["output"] = {**recipe.get("output", {}), "dir": str(work_dir / "runs"), "run_name": "rerun"}
+    recipe["output"] = {**recipe.get("output", {}), "dir": str(work / "runs"), "run_name": "rerun"}
     settings = settings_from_dict(recipe, str(bundle_dir / "recipe.resolved.yaml"))
+
+    from ft import backends, manifest, pipeline
 
     backends.prepare(
         settings
@@ -231,11 +343,8 @@ def reproduce(bundle: Path, work_dir: Path) -> ReproduceOutcome:
     run_dir = pipeline.create_run(prep)
     pipeline.train_stage(prep, run_dir, resume=None)
     new_report = pipeline.eval_stage(prep, run_dir)
-
-    sealed_env = json.loads((bundle_dir / "env.json").read_text(encoding="utf-8"))
-    sealed_report = json.loads((bundle_dir / "eval" / "report.json").read_text(encoding="utf-8"))
     return ReproduceOutcome(
-        bundle=Path(bundle),
+        bundle=bundle,
         run_dir=run_dir,
         env_diffs=compare_env(sealed_env, manifest.capture(full=False)),
         comparison=compare_metrics(sealed_report, new_report, settings.eval.reproduce_tolerance),

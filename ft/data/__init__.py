@@ -4,19 +4,25 @@
     result.train, result.eval           # lists of Example (normalised chat messages + where they came from)
     result.report                       # the run's data.json; render_report(result.report) for people
 
-Order of work, and why: every row is parsed and validated first (one pass, problems collected), so a
-user sees all that is wrong at once and nothing is tokenised for data that will be refused. Then
-duplicates go (cheap), the survivors are rendered through the chat template once and tokenised in
-large batches by the fast tokenizer, the held-out split is drawn, and the length policy is applied.
-The split is drawn before lengths matter, so changing train.max_seq_length never reshuffles it, and
-rows that share a prompt always land on the same side, so a seeded split cannot leak.
+Order of work, and why: every row is parsed and validated first (one pass, problems collected; a row
+over data.max_row_chars is refused here), so a user sees all that is wrong at once, and nothing is
+downloaded or tokenised for data that will be refused. Duplicates and train/eval leakage need no
+tokenizer either, so they come next. Only then is the model's tokenizer loaded; the survivors are
+rendered through the chat template once and tokenised in large batches, each row only as far as
+train.max_seq_length needs to decide whether it fits (so one giant row costs memory in proportion to
+the context, not to the row). The length policy is applied, and the held-out split is drawn from the
+rows that survived it, so every held-out row is one the model can be evaluated on. The split's order
+is fixed by the seed over all rows, so a changed train.max_seq_length changes it only by the rows it
+drops; rows that share a prompt always land on the same side, so a seeded split cannot leak.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,15 @@ from ft.data.report import Tallies, Tally, build_report, render_report
 from ft.data.shapes import RowProblem, extract_label, normalise, show
 from ft.errors import FtError, located
 
-__all__ = ["CheckResult", "DataError", "Example", "check", "render_report"]
+__all__ = ["CheckResult", "DataError", "Example", "bounded_token_lengths", "check", "render_report"]
 
 BATCH = 4096  # rows rendered and tokenised per call while measuring lengths
+# Length statistics tokenise a row's first (max_seq_length + 1) * PREFIX_CHARS_PER_TOKEN characters;
+# a row longer than that is tokenised again on a prefix twice as long, only while the prefix still fits.
+PREFIX_CHARS_PER_TOKEN = 8
+SLACK_TOKENS = 8  # cutting a text mid-word can add a token or two at the cut; never decide on those
+DROPPED_WARNING = 0.5  # warn when the policies drop more than this fraction of the rows read
+_SPACES = re.compile(r"\s+")
 
 
 @dataclass(slots=True)
@@ -41,6 +53,7 @@ class Example:
     shape: str
     label: str | None = None
     tokens: int = 0  # length under the model's tokenizer and chat template (set by check)
+    tokens_exact: bool = True  # False: the row is longer than max_seq_length and `tokens` is a lower bound
 
     @property
     def id(self) -> str:
@@ -52,20 +65,36 @@ class CheckResult:
     train: list[Example]
     eval: list[Example]
     report: dict[str, Any]
+    tokenizer: Any = None  # the tokenizer the lengths were measured with
 
 
-def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LINE_BYTES) -> CheckResult:
+def check(
+    settings: Any,
+    *,
+    tokenizer: Any = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    on_problem: Callable[[str], None] | None = None,
+) -> CheckResult:
     """Check the recipe's data files and return the normalised, split examples with their report.
 
-    `tokenizer` defaults to the recipe model's; `max_line_bytes` caps one JSONL line.
+    `tokenizer` defaults to the recipe model's, loaded only once the rows have passed every check that
+    needs none; `max_line_bytes` caps one JSONL line; `on_problem` receives every problem as it is found
+    (the raised DataError keeps the first few).
     """
     d = settings.data
     if not d.train:
         raise DataError(["data.train: no training files given"])
-    problems = Problems()
+    problems = Problems(sink=on_problem)
     context = _RowContext(d, problems)
     train = context.load(d.train, "train", max_line_bytes)
     held = context.load(d.eval, "eval", max_line_bytes)
+    problems.raise_if_any()
+
+    tallies = Tallies()
+    train = _apply_duplicates(train, d.duplicates, tallies.duplicates, problems)
+    held = _apply_duplicates(held, d.duplicates, tallies.duplicates, problems)
+    if d.eval:
+        _find_leakage(train, held, tallies.leakage, problems)
     problems.raise_if_any()
 
     if tokenizer is None:
@@ -73,28 +102,44 @@ def check(settings: Any, *, tokenizer: Any = None, max_line_bytes: int = MAX_LIN
 
         m = settings.model
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-    tallies = Tallies()
-    train = _apply_duplicates(train, d.duplicates, tallies.duplicates, problems)
-    held = _apply_duplicates(held, d.duplicates, tallies.duplicates, problems)
-    _measure(train + held, tokenizer, problems)
+    measured = train + held
+    _measure(measured, tokenizer, settings.train.max_seq_length, problems)
     problems.raise_if_any()
-    lengths = [ex.tokens for ex in train + held]
-
-    if d.eval:
-        _find_leakage(train, held, tallies.leakage, problems)
-    else:
-        train, held = _seeded_split(train, d, problems)
-    problems.raise_if_any()
+    lengths = [ex.tokens for ex in measured]
 
     train, held = _fit_lengths(train, held, settings, tokenizer, tallies, problems)
     problems.raise_if_any()
+    if not d.eval:  # held is empty until the split: every measured row is a training row so far
+        train, held = _seeded_split(measured, train, d, problems)
+        problems.raise_if_any()
+
     counts = {
         "read": context.rows,
         "shapes": context.shapes,
         "system_prompt_added": context.system_prompt_added,
     }
     report = build_report(settings, tokenizer, context.files, counts, tallies, lengths, train, held)
-    return CheckResult(train, held, report)
+    # Over-long rows are counted only until they exceed max_seq_length: their counts are lower bounds.
+    report["tokens"]["partly_counted"] = sum(not ex.tokens_exact for ex in measured)
+    report["warnings"] = _warnings(context.rows, report["dropped"])
+    return CheckResult(train, held, report, tokenizer)
+
+
+def _warnings(read: int, dropped: dict[str, Any]) -> list[str]:
+    """Say so when the policies threw most of the data away: the run would train on what little is left."""
+    counts = {reason: tally["count"] for reason, tally in dropped.items() if tally["count"]}
+    gone = sum(counts.values())
+    if not read or gone <= read * DROPPED_WARNING:
+        return []
+    why = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in counts.items())
+    hints = []
+    if set(counts) - {"duplicate"}:
+        hints.append("train.max_seq_length and data.too_long")
+    if "duplicate" in counts:
+        hints.append("the repeated rows (data.duplicates)")
+    return [
+        f"{gone} of {read} rows ({round(100 * gone / read)}%) were dropped ({why}); check {' and '.join(hints)}"
+    ]
 
 
 # -- reading and validating ----------------------------------------------------------------------------
@@ -116,12 +161,24 @@ class _RowContext:
 
         examples: list[Example] = []
         for given in paths:
+            if not _is_utf8(given):
+                # The name could not be written into data.json or a bundle; refuse it before anything else.
+                self.problems.add(
+                    f"data.{role}: {ascii(given)[1:-1]}: the file name is not valid UTF-8; rename the file"
+                )
+                continue
             info = FileInfo(role, given)
             self.files.append(info)
             try:
                 path = Path(resolve_path(given))
             except FtError as exc:
                 self.problems.add(str(exc))
+                continue
+            if not _is_utf8(str(path)):
+                self.problems.add(
+                    f"{given}: the path {ascii(str(path))[1:-1]} is not valid UTF-8; "
+                    "rename the folder or give another path"
+                )
                 continue
             for line, row in read_rows(path, info, self.problems, max_line_bytes=max_line_bytes):
                 example = self.example(row, given, line)
@@ -140,6 +197,18 @@ class _RowContext:
         except RecursionError:
             self.problems.add(located(source, line, None, "nested too deeply"))
             return None
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self.d.max_row_chars:
+            self.problems.add(
+                located(
+                    source,
+                    line,
+                    None,
+                    f"{chars:,} characters, more than data.max_row_chars ({self.d.max_row_chars:,}); "
+                    "shorten or split the row, or raise data.max_row_chars",
+                )
+            )
+            return None
         if self.d.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.d.system_prompt})
             self.system_prompt_added += 1
@@ -157,6 +226,14 @@ class _RowContext:
                 answer_field, f"{field_name} {show(label)} is not one of {allowed} (data.labels)"
             )
         return label
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name Python decoded with surrogateescape, or a lone \\udcxx escape
+        return False
+    return True
 
 
 # -- policies ------------------------------------------------------------------------------------------
@@ -180,12 +257,36 @@ def conversation_key(messages: list[dict[str, str]]) -> bytes:
 def prompt_key(messages: list[dict[str, str]]) -> bytes:
     """Identity of a row's prompt for leakage: every non-assistant turn, whitespace collapsed, casefolded.
 
-    A row with no user or tool turn (a text row) has no prompt; its whole text stands in for it.
+    A row with no user or tool turn (a text row) has no prompt; its whole text stands in for it. The text
+    is hashed piece by piece, so a giant row costs no more than one piece of memory on top of itself.
     """
     asked = [m for m in messages if m["role"] != "assistant"]
     if not any(m["role"] != "system" for m in asked):
         asked = messages
-    return _digest("\x1f".join(f"{m['role']}\x1e{' '.join(m['content'].split()).casefold()}" for m in asked))
+    digest = _blake2b()(digest_size=16)
+    for n, m in enumerate(asked):
+        digest.update(f"{chr(0x1F) if n else ''}{m['role']}\x1e".encode())
+        for piece in _collapsed(m["content"]):
+            digest.update(piece.casefold().encode("utf-8"))
+    return digest.digest()
+
+
+def _collapsed(text: str, chunk: int = 1 << 20) -> Iterator[str]:
+    """The pieces of `' '.join(text.split())`, made a chunk at a time: the word list of a 200 MB row
+    (or re.sub's list of pieces) would take gigabytes."""
+    started = pending_space = False
+    for lo in range(0, len(text), chunk):
+        part = _SPACES.sub(" ", text[lo : lo + chunk])  # every whitespace run is now one space
+        core = part.strip(" ")
+        if part.startswith(" "):
+            pending_space = True
+        if core:
+            if pending_space and started:
+                yield " "
+            yield core
+            started, pending_space = True, False
+        if part.endswith(" "):
+            pending_space = True
 
 
 def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: Problems) -> list[Example]:
@@ -208,9 +309,10 @@ def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: 
     return kept
 
 
-def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
-    """Set `tokens` on every row: one template render per row, tokenised in large batches."""
-    from ft.data.encode import render_each, template_problem, token_lengths
+def _measure(rows: list[Example], tokenizer: Any, max_len: int, problems: Problems) -> None:
+    """Set `tokens` on every row: one template render per row, tokenised in large batches, each row
+    only as far as deciding whether it fits in `max_len` needs."""
+    from ft.data.encode import render_each, template_problem
 
     for lo in range(0, len(rows), BATCH):
         batch = rows[lo : lo + BATCH]
@@ -220,8 +322,37 @@ def _measure(rows: list[Example], tokenizer: Any, problems: Problems) -> None:
 
         texts = render_each(tokenizer, [ex.messages for ex in batch], refused)
         rendered = [(ex, text) for ex, text in zip(batch, texts, strict=True) if text is not None]
-        for (ex, _), n in zip(rendered, token_lengths(tokenizer, [t for _, t in rendered]), strict=True):
-            ex.tokens = n
+        del texts
+        measured = bounded_token_lengths(tokenizer, [t for _, t in rendered], max_len)
+        for (ex, _), (n, exact) in zip(rendered, measured, strict=True):
+            ex.tokens, ex.tokens_exact = n, exact
+
+
+def bounded_token_lengths(tokenizer: Any, texts: list[str], max_len: int) -> list[tuple[int, bool]]:
+    """`(tokens, exact)` for each rendered text, tokenising no more of it than deciding `<= max_len` needs.
+
+    A text is tokenised on a prefix of (max_len + 1) * PREFIX_CHARS_PER_TOKEN characters; if it is
+    longer and its prefix already holds more than max_len (+ slack) tokens, it is over-long and the
+    prefix's count is a lower bound (`exact` False). If the prefix still fits (very long tokens), the
+    prefix doubles until it does not, or until it is the whole text, whose count is then exact.
+    """
+    from ft.data.encode import token_lengths
+
+    out: list[tuple[int, bool] | None] = [None] * len(texts)
+    pending = list(range(len(texts)))
+    limit = (max_len + 1) * PREFIX_CHARS_PER_TOKEN
+    while pending:
+        counts = token_lengths(tokenizer, [texts[i][:limit] for i in pending])
+        undecided = []
+        for i, n in zip(pending, counts, strict=True):
+            if len(texts[i]) <= limit:
+                out[i] = (n, True)
+            elif n > max_len + SLACK_TOKENS:
+                out[i] = (n - SLACK_TOKENS, False)
+            else:
+                undecided.append(i)
+        pending, limit = undecided, limit * 2
+    return out  # type: ignore[return-value]
 
 
 def _fit_lengths(
@@ -251,10 +382,11 @@ def _apply_too_long(
 ) -> list[Example]:
     long_rows = [ex for ex in rows if ex.tokens > max_len]
     for ex in long_rows:
-        tallies.over.add(f"{ex.id} ({ex.tokens} tokens)")
+        size = f"{ex.tokens} tokens" if ex.tokens_exact else f"over {max_len} tokens"
+        tallies.over.add(f"{ex.id} ({size})")
         if policy == "error":
             problems.add(
-                f"{ex.id}: {ex.tokens} tokens, longer than train.max_seq_length ({max_len}) and data.too_long "
+                f"{ex.id}: {size}, longer than train.max_seq_length ({max_len}) and data.too_long "
                 "is error (drop or truncate would accept it)"
             )
     if not long_rows or policy == "error":
@@ -281,7 +413,7 @@ def _nothing_fits(where: str, rows: list[Example], max_len: int, policy: str) ->
 
 
 def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> list[Example]:
-    from ft.data.encode import generation_header, render_chats, token_lengths
+    from ft.data.encode import generation_header, render_chats
 
     prompts = []
     for ex in rows:
@@ -290,8 +422,8 @@ def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> l
     header = generation_header(tokenizer) if any(not p for p in prompts) else ""
     asked = render_chats(tokenizer, [p for p in prompts if p], add_generation_prompt=True)
     texts = iter(asked)
-    lengths = token_lengths(tokenizer, [next(texts) if p else header for p in prompts])
-    return [ex for ex, n in zip(rows, lengths, strict=True) if n >= max_len]
+    lengths = bounded_token_lengths(tokenizer, [next(texts) if p else header for p in prompts], max_len)
+    return [ex for ex, (n, _) in zip(rows, lengths, strict=True) if n >= max_len]
 
 
 # -- split and leakage ---------------------------------------------------------------------------------
@@ -309,30 +441,40 @@ def _find_leakage(train: list[Example], held: list[Example], tally: Tally, probl
             )
 
 
-def _seeded_split(rows: list[Example], d: Any, problems: Problems) -> tuple[list[Example], list[Example]]:
-    """Hold out about eval_fraction of rows (at most eval_max_rows), whole prompt groups at a time."""
+def _seeded_split(
+    measured: list[Example], rows: list[Example], d: Any, problems: Problems
+) -> tuple[list[Example], list[Example]]:
+    """Hold out about eval_fraction of `rows` (at most eval_max_rows), whole prompt groups at a time.
+
+    `rows` are the survivors of the length policy among `measured`. The seed orders the prompt groups
+    of all `measured` rows, and the split walks that order over the survivors: a row that survives two
+    settings of train.max_seq_length is visited at the same point under both.
+    """
     if len(rows) < 2:
         problems.add(
             f"data: {len(rows)} row(s) left, too few to hold out an eval split; add rows or give data.eval"
         )
         return rows, []
     target = min(d.eval_max_rows, max(1, round(len(rows) * d.eval_fraction)))
+    kept = {id(ex) for ex in rows}
     groups: dict[bytes, list[int]] = {}
-    for index, ex in enumerate(rows):
+    for index, ex in enumerate(measured):
         groups.setdefault(prompt_key(ex.messages), []).append(index)
     order = list(groups.values())
     random.Random(d.split_seed).shuffle(order)
     chosen: set[int] = set()
     for group in order:
-        if len(chosen) + len(group) <= target:
-            chosen.update(group)
+        members = [i for i in group if id(measured[i]) in kept]
+        if members and len(chosen) + len(members) <= target:
+            chosen.update(members)
             if len(chosen) == target:
                 break
     if not chosen or len(chosen) == len(rows):
+        distinct = len({prompt_key(ex.messages) for ex in rows})
         problems.add(
             f"data: cannot hold out {target} row(s) without splitting rows that share a prompt "
-            f"({len(groups)} distinct prompt(s) in {len(rows)} rows); give data.eval files"
+            f"({distinct} distinct prompt(s) in {len(rows)} rows); give data.eval files"
         )
-    train = [ex for i, ex in enumerate(rows) if i not in chosen]
-    held = [ex for i, ex in enumerate(rows) if i in chosen]
+    train = [ex for i, ex in enumerate(measured) if id(ex) in kept and i not in chosen]
+    held = [ex for i, ex in enumerate(measured) if i in chosen]
     return train, held

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from ft.errors import FtError, located
 
 MAX_LINE_BYTES = 64 << 20  # a JSONL line longer than this is refused without being read whole
-MAX_PROBLEMS = 50  # problems kept (all are counted)
+MAX_PROBLEMS = 50  # problems kept in the error (all are counted, and all reach a sink)
 BOM = b"\xef\xbb\xbf"
 _SPACE = b" \t\r\n"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -36,17 +38,25 @@ class DataError(FtError):
 
 
 class Problems:
-    """A capped list of one-line problem messages, in the order they were found."""
+    """A capped list of one-line problem messages, in the order they were found.
 
-    def __init__(self, cap: int = MAX_PROBLEMS):
+    `sink`, when given, receives every problem as it is found, past the cap: that is how `-v` lists them
+    all without holding millions of messages in memory.
+    """
+
+    def __init__(self, cap: int = MAX_PROBLEMS, sink: Callable[[str], None] | None = None):
         self.cap = cap
+        self.sink = sink
         self.items: list[str] = []
         self.total = 0
 
     def add(self, message: str) -> None:
         self.total += 1
+        message = " ".join(message.splitlines())  # one line, whatever the data held
+        if self.sink is not None:
+            self.sink(message)
         if len(self.items) < self.cap:
-            self.items.append(" ".join(message.splitlines()))  # one line, whatever the data held
+            self.items.append(message)
 
     def raise_if_any(self) -> None:
         if self.total:
@@ -108,11 +118,12 @@ def read_rows(
         if not info.format:
             return
         if info.format == "jsonl":
-            yield from _read_jsonl(handle, info, problems, max_line_bytes)
+            blank = yield from _read_jsonl(handle, info, problems, max_line_bytes)
         else:
+            blank = False
             yield from _read_json_array(handle, info, problems)
     info.seal()
-    if info.rows == 0 and info.format == "jsonl":
+    if blank:
         problems.add(f"{name}: no rows (only blank lines)")
 
 
@@ -167,25 +178,30 @@ def _choose_format(path: Path, name: str, first: bytes, problems: Problems) -> s
     return "jsonl"
 
 
-def _read_jsonl(handle, info: FileInfo, problems: Problems, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(
+    handle, info: FileInfo, problems: Problems, max_line_bytes: int
+) -> Generator[tuple[int, Any], None, bool]:
+    """Yield the rows; return True when every line was blank (a line with a problem is not blank)."""
     name = info.name
     lineno = 0
+    blank = True
     while True:
         raw = handle.readline(max_line_bytes + 1)
         if not raw:
-            return
+            return blank
         lineno += 1
         if len(raw) > max_line_bytes:
             problems.add(
                 f"{name}:{lineno}: line is longer than {_size(max_line_bytes)}; one JSON Lines row should be "
                 "far smaller (is this really JSON Lines?); the rest of the file was not read"
             )
-            return
+            return False
         info.feed(raw)
         if lineno == 1 and raw.startswith(BOM):
             raw = raw[len(BOM) :]
         if raw.isspace() or not raw:
             continue
+        blank = False
         row = _parse_line(raw, name, lineno, problems)
         if row is not _INVALID:
             info.rows += 1
@@ -207,10 +223,20 @@ def _parse_line(raw: bytes, name: str, lineno: int, problems: Problems) -> Any:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
-        problems.add(f"{name}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})")
+        # The parser reports running out of input after the line's newline, as column 1 of a next line.
+        content = len(text.rstrip())
+        where = (
+            f"column {content + 1}: the line ends before the row does"
+            if exc.pos >= content
+            else f"column {exc.colno}"
+        )
+        problems.add(f"{name}:{lineno}: invalid JSON: {exc.msg} ({where})")
         return _INVALID
     except RecursionError:
         problems.add(f"{name}:{lineno}: invalid JSON: nested too deeply")
+        return _INVALID
+    except ValueError:  # a JSONDecodeError is one too, so this catches only the int-string limit
+        problems.add(f"{name}:{lineno}: invalid JSON: {_HUGE_NUMBER}")
         return _INVALID
     if _may_hold_surrogate(text) and (where := _lone_surrogate(row)):
         problems.add(
@@ -238,10 +264,22 @@ def _read_json_array(handle, info: FileInfo, problems: Problems) -> Iterator[tup
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = "; JSON Lines (one object per line) belong in a .jsonl file" if exc.msg == "Extra data" else ""
-        problems.add(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}")
+        content = len(text.rstrip())
+        if exc.pos >= content:  # ran out of input: point at the end of the last line that has any
+            line = text.count("\n", 0, content) + 1
+            column = content - text.rfind("\n", 0, content)
+            where = f"{line}: invalid JSON: {exc.msg} (column {column}: the file ends before the array does)"
+        else:
+            where = f"{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}"
+        problems.add(f"{name}:{where}")
         return
     except RecursionError:
         problems.add(f"{name}: invalid JSON: nested too deeply")
+        return
+    except ValueError:  # the int-string limit; json gives no position, so find the digits
+        found = re.search(rf"\d{{{_max_digits() + 1},}}", text)
+        line = f":{text.count(chr(10), 0, found.start()) + 1}" if found else ""
+        problems.add(f"{name}{line}: invalid JSON: {_HUGE_NUMBER}")
         return
     escapes = _may_hold_surrogate(text)
     del text
@@ -259,6 +297,16 @@ def _read_json_array(handle, info: FileInfo, problems: Problems) -> Iterator[tup
             problems.add(located(name, f"[{index}]", where, "contains an unpaired UTF-16 surrogate escape"))
             continue
         yield f"[{index}]", row
+
+
+def _max_digits() -> int:
+    return sys.get_int_max_str_digits() or 4300
+
+
+_HUGE_NUMBER = (
+    f"a number with more than {_max_digits()} digits (Python refuses to convert it); "
+    "store such a value as a string"
+)
 
 
 def _may_hold_surrogate(text: str) -> bool:

@@ -186,7 +186,8 @@ def render_report(report: dict[str, Any]) -> str:
         (
             "tokens",
             f"min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
-            f"max {t['max']}  (total {t['total']:,})",
+            f"max {t['max']}  (total {t['total']:,})"
+            + (f"; {t['partly_counted']} over-long counted in part" if t.get("partly_counted") else ""),
         ),
         (
             "too long",
@@ -213,4 +214,5 @@ def render_report(report: dict[str, Any]) -> str:
     how = f"seeded (seed {split['seed']})" if split["method"] == "seeded" else "from data.eval files"
     table.append(("split", f"{how}: train {split['train_size']}, eval {split['eval_size']}"))
     lines += [f"  {key:11} {value}" for key, value in table]
+    lines += [f"warning: {text}" for text in report.get("warnings", [])]
     return "\n".join(lines)

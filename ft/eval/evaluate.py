@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ft.config import resolve_path
 from ft.errors import FtError
+from ft.eval.loss import batch_loss, causal_lm, input_device
 from ft.eval.metrics import average, decide, score
+from ft.sizing import autobatch
 
 
 @dataclass
@@ -47,19 +50,60 @@ def load_schema_validator(schema_setting):
     return cls(schema), schema
 
 
+def _in_batches(
+    items: list,
+    batch_size: int,
+    run: Callable[[list], list],
+    what: str,
+    steps: list[dict[str, Any]],
+    bar=None,
+) -> tuple[list, int]:
+    """run(chunk) over consecutive chunks of `items`; on a CUDA out-of-memory the chunk is retried at half
+    the batch (which then stays for the rest). Returns (all results in order, the batch size it ended at).
+    Each step down is appended to `steps` for the report."""
+    out: list = []
+    i, size = 0, max(1, batch_size)
+    while i < len(items):
+        chunk = items[i : i + size]
+        try:
+            res = run(chunk)
+        except Exception as exc:
+            if not autobatch.is_oom(exc):
+                raise
+            if size == 1:
+                raise FtError(
+                    f"eval {what}: out of memory even one row at a time",
+                    hint="lower eval.max_new_tokens or train.max_seq_length, or evaluate on a larger GPU",
+                ) from exc
+            steps.append({"phase": what, "batch_size": size, "error": autobatch._first_line(exc)})
+        else:
+            out += res
+            i += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+            continue
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) can be freed.
+        autobatch.free_memory()
+        size = max(1, size // 2)
+        print(f"eval {what}: out of memory; retrying with batch {size}", file=sys.stderr)
+    return out, size
+
+
 def _generate(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str
-) -> list[str]:
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+    steps: list[dict[str, Any]] | None = None,
+) -> tuple[list[str], int]:
+    """Greedy answers for `prompts`, and the batch size generation ended at (lower after an OOM)."""
     import torch
 
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    outputs: list[str] = []
-    device = next(model.parameters()).device
-    interval = 0.2 if sys.stderr.isatty() else 15.0
-    for i in tqdm(
-        range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=interval
-    ):
-        batch = prompts[i : i + batch_size]
+    device = input_device(model)
+
+    def run(batch: list[str]) -> list[str]:
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.inference_mode():
             out = model.generate(
@@ -71,44 +115,65 @@ def _generate(
                 eos_token_id=tokenizer.eos_token_id,
             )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
-        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    tokenizer.padding_side = "right"
-    return outputs
+        return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    interval = 0.2 if sys.stderr.isatty() else 15.0
+    try:
+        with tqdm(
+            total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True, mininterval=interval
+        ) as bar:
+            return _in_batches(prompts, batch_size, run, desc, steps if steps is not None else [], bar)
+    finally:
+        tokenizer.padding_side = "right"
 
 
-def _eval_loss(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> float | None:
-    """Mean loss per assistant token over the held-out rows."""
-    import torch
-
+def _eval_loss(
+    model, tokenizer, rows: list[dict[str, Any]], batch_size: int, steps: list[dict[str, Any]] | None = None
+) -> float | None:
+    """Mean loss per assistant token over the held-out rows (logits computed in bounded chunks)."""
     if not rows:
         return None
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i : i + batch_size]
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[j, :n] = torch.tensor(r["input_ids"])
-            labels[j, :n] = torch.tensor(r["labels"])
-            mask[j, :n] = 1
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += loss.item()
-        count += int((shift_labels != -100).sum().item())
+    sums, _ = _in_batches(
+        rows,
+        batch_size,
+        lambda batch: [batch_loss(model, batch, tokenizer.pad_token_id)],
+        "loss",
+        steps if steps is not None else [],
+    )
+    total, count = sum(t for t, _ in sums), sum(n for _, n in sums)
     return round(total / max(count, 1), 6)
+
+
+def _eval_batch(model, tokenizer, prompts: list[str], settings, device: str) -> tuple[int, dict[str, Any]]:
+    """eval.batch_size, lowered on a GPU to what the sizing model predicts fits in the memory left free
+    after loading (prompt + eval.max_new_tokens of KV cache, the last position's logits, one layer)."""
+    e = settings.eval
+    if device != "cuda":
+        return e.batch_size, {"source": "eval.batch_size (not on a GPU)"}
+    import torch
+
+    from ft import sizing
+
+    lm = causal_lm(model)
+    shape = sizing.load_shape(lm.config)
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    dtype = str(next(p.dtype for p in lm.parameters() if p.is_floating_point())).removeprefix("torch.")
+    batch = sizing.eval_batch_that_fits(
+        shape,
+        free,
+        e.batch_size,
+        prompt_tokens=longest,
+        new_tokens=e.max_new_tokens,
+        loss_tokens=settings.train.max_seq_length,
+        dtype=dtype,
+    )
+    return batch, {
+        "source": "sizing model against the free GPU memory after loading",
+        "free_bytes": int(free),
+        "longest_prompt_tokens": longest,
+    }
 
 
 def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backend: str) -> EvalOutcome:
@@ -129,11 +194,13 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
     refs = [r for _, r in pairs]
     loss_rows = encode(examples, tok, settings.train.max_seq_length, "truncate", assistant_only=True)
 
+    batch, batch_source = _eval_batch(model, tok, prompts, settings, device)
+    steps: list[dict[str, Any]] = []
     with model.disable_adapter():
-        base_out = _generate(model, tok, prompts, e.max_new_tokens, e.batch_size, "eval base")
-        base_loss = _eval_loss(model, tok, loss_rows, e.batch_size)
-    tuned_out = _generate(model, tok, prompts, e.max_new_tokens, e.batch_size, "eval tuned")
-    tuned_loss = _eval_loss(model, tok, loss_rows, e.batch_size)
+        base_out, batch = _generate(model, tok, prompts, e.max_new_tokens, batch, "eval base", steps)
+        base_loss = _eval_loss(model, tok, loss_rows, batch, steps)
+    tuned_out, batch = _generate(model, tok, prompts, e.max_new_tokens, batch, "eval tuned", steps)
+    tuned_loss = _eval_loss(model, tok, loss_rows, batch, steps)
 
     label_field = settings.data.label_field
     predictions, base_scores, tuned_scores = [], [], []
@@ -162,7 +229,14 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
         "examples": len(examples),
         "backend": backend,
         "device": device,
-        "generation": {"greedy": True, "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size},
+        "generation": {
+            "greedy": True,
+            "max_new_tokens": e.max_new_tokens,
+            "batch_size": batch,
+            "batch_size_setting": e.batch_size,
+            "batch_size_source": batch_source,
+            "out_of_memory_steps": steps,
+        },
         "metrics": {"base": base_avg, "tuned": tuned_avg},
         "decision": decision.to_dict(),
         "rule": {

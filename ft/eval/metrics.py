@@ -97,6 +97,17 @@ def improvement(metric: str, base: float, tuned: float) -> float:
     return base - tuned if metric in LOWER_IS_BETTER else tuned - base
 
 
+def _direction(metric: str) -> str:
+    return " (lower is better)" if metric in LOWER_IS_BETTER else ""
+
+
+def _moved(delta: float) -> str:
+    """A signed improvement in words, so a falling loss never reads as a rise."""
+    if round(delta, 4) == 0:
+        return "unchanged"
+    return f"{'improved' if delta > 0 else 'worsened'} by {abs(delta):.4f}"
+
+
 def decide(base: dict[str, float], tuned: dict[str, float], eval_settings) -> Decision:
     """KEEP when the primary metric improves by at least `min_improvement` and no guard metric gets
     worse by more than `max_regression`; otherwise DISCARD. Every check contributes a reason."""
@@ -114,15 +125,15 @@ def decide(base: dict[str, float], tuned: dict[str, float], eval_settings) -> De
         keep &= ok
         reasons.insert(
             0,
-            f"primary {p}: base {base[p]:.4f} -> tuned {tuned[p]:.4f} (improvement {deltas[p]:+.4f}, "
-            f"needs >= {e.min_improvement:+.4f}) {'ok' if ok else 'FAILS'}",
+            f"primary {p}{_direction(p)}: base {base[p]:.4f} -> tuned {tuned[p]:.4f} ({_moved(deltas[p])}, "
+            f"needs to improve by at least {e.min_improvement:.4f}) {'ok' if ok else 'FAILS'}",
         )
     for g in e.guard_metrics:
         if g in deltas:
             ok = deltas[g] >= -e.max_regression
             keep &= ok
             reasons.append(
-                f"guard {g}: base {base[g]:.4f} -> tuned {tuned[g]:.4f} (change {deltas[g]:+.4f}, "
-                f"may fall at most {e.max_regression:.4f}) {'ok' if ok else 'FAILS'}"
+                f"guard {g}{_direction(g)}: base {base[g]:.4f} -> tuned {tuned[g]:.4f} ({_moved(deltas[g])}, "
+                f"may worsen by at most {e.max_regression:.4f}) {'ok' if ok else 'FAILS'}"
             )
     return Decision("KEEP" if keep else "DISCARD", reasons, deltas)

@@ -2,8 +2,11 @@
 
 The prediction is arithmetic on the model's config.json (read as plain JSON for a local directory, or
 a built-in shape such as `qwen2.5-7b`): no torch, no transformers, well under a second. Every term is
-derived from what the libraries allocate, and every constant below says where it comes from; nothing
-is fitted to measurements. `benchmarks/bench_gpu.py` puts measured peaks beside these predictions.
+derived from what the libraries allocate, and every constant below says where it comes from. One
+memory constant is calibrated rather than derived (UNSLOTH_CE_LIVE_BYTES_PER_LOGIT), and the wall-time
+utilisation is measured; both against issue 8's H100 figures, which tests/test_sizing.py keeps as a table
+(every point within 10% except hf 0.5B at 4 x 512, not reconciled). `benchmarks/bench_gpu.py` puts
+measured peaks beside these predictions.
 
 What the two backends hold (derived from their code, see the comments at each term):
 
@@ -11,14 +14,17 @@ What the two backends hold (derived from their code, see the comments at each te
   then casts *every* remaining 16-bit parameter (embeddings, LM head, norms, biases) to fp32, so the
   residual stream is fp32 and each quantised linear makes its own 16-bit copy of its input (bitsandbytes
   `Linear4bit` casts to the compute dtype, autocast casts again for the LoRA path). Standard (non-reentrant)
-  gradient checkpointing keeps every layer's input on the GPU.
+  gradient checkpointing keeps every layer's input on the GPU; the recomputed layer's backward frees its
+  saved tensors op by op. TRL's SFTTrainer casts the LoRA weights to bf16; its chunked loss is the loss.
 - `unsloth`: NF4 linears, everything else stays 16-bit, fused LoRA kernels (only X, gate and up saved
   for the MLP), and "unsloth" checkpointing offloads layer inputs to pinned host memory through two GPU
-  staging buffers, keeping the last layer's input on the GPU.
+  staging buffers, keeping the last layer's input on the GPU. LoRA weights stay fp32; the loss is
+  Unsloth's own fused cross-entropy (it replaces TRL's).
 
 Peak = what persists (weights, LoRA weights + gradients + optimizer states, buffers) + the largest of
 three transient phases: the loss (at the start of backward), the backward of the last decoder layer
-(recomputed under checkpointing), and the optimizer step.
+(recomputed under checkpointing), and the optimizer step. `eval_phases` sizes `ft eval` the same way
+(KV cache for the prompt + eval.max_new_tokens, the last position's logits, the chunked held-out loss).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps tensors with fewer elements in 32
 TRL_CHUNK_TOKENS = 256  # trl 1.14.2 SFTTrainer, loss_type "chunked_nll": tokens per lm_head/CE chunk
 LOSS_BYTES_PER_LOGIT = 16  # per (token, vocab) entry: fp32 logits, log-softmax, its gradient, a temporary
 UNSLOTH_CE_TARGET_CAP = 4 * GIB  # unsloth_zoo fused CE: chunks sized to min(free/2, 4 GiB) at 16 B per logit
+# ... but alive per logit of a chunk: its fp32 logits, which the fused kernel turns into their gradient in
+# place. Calibrated, not derived here (unsloth_zoo is not installed on CPU): 16 B over-predicted the
+# H100 figures of issue 8 by 20-110%; 4 B lands every Unsloth point within 3% (tests/test_sizing.py).
+UNSLOTH_CE_LIVE_BYTES_PER_LOGIT = 4
 UNSLOTH_GC_MIN_ELEMENTS = 1 << 20  # unsloth_zoo offloads a layer input only above 2 MiB of bf16
 UNSLOTH_GC_GPU_BUFFERS = 2  # ... via two GPU staging buffers (double buffering); last layer stays on GPU
 UNSLOTH_SDPA_EXPANDS_GQA = True  # Unsloth's SDPA path repeats K and V to all query heads before attention
@@ -49,9 +59,13 @@ CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS + cuBLASLt workspaces, allocated thr
 CUDA_CONTEXT_BYTES = 600 << 20  # CUDA context, loaded kernels, library handles: outside torch's allocator
 ALLOCATOR_RESERVE_FRACTION = 0.08  # caching allocator: reserved exceeds allocated (rounding, fragmentation)
 FIT_SAFETY_FRACTION = 0.05  # the micro-batch search keeps this share of the card free (prediction tolerance)
-# Wall-time assumptions, NOT measurements: FLOP utilisation of each backend for 4-bit LoRA (dequantisation
-# and small LoRA matmuls cost time). Replace with a measured tokens/s: `ft size --probe`.
-ASSUMED_FLOP_UTILISATION = {"unsloth": 0.35, "hf": 0.20}
+# Wall time: FLOP utilisation of each backend for QLoRA, as measured on an H100 SXM (issue 8's figures,
+# same library versions, 7B shape at 2 x 2048): tokens/s x 6 x parameters over a measured bf16 matmul
+# peak of ~798 TFLOP/s. Other GPUs: the same utilisation of the same share of their datasheet peak. A
+# GPU's own figure comes from `ft size --probe`.
+MEASURED_FLOP_UTILISATION = {"unsloth": 0.57, "hf": 0.29}
+MATMUL_PEAK_FRACTION = 798.0 / 989.4  # measured bf16 matmul peak / H100 SXM datasheet dense bf16 peak
+UTILISATION_SOURCE = "H100 SXM, 7B shape at 2 x 2048"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSSES = ("chunked_nll", "unsloth_fused", "full")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
@@ -159,6 +173,28 @@ PRESETS: dict[str, Shape] = {
         _llama("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, False),
     ]
 }
+
+
+def preset_table() -> list[dict[str, Any]]:
+    """The built-in shapes, for `ft size --list-models --json`."""
+    return [{"name": s.name, "params": s.total_params(), "config": s.to_config()} for s in PRESETS.values()]
+
+
+def render_presets() -> str:
+    """The built-in shapes, one a line, for `ft size --list-models`."""
+    lines = [f"{'name':<14} {'params':>9}  {'layers':>6} {'hidden':>6} {'heads/kv':>8} {'vocab':>7}  lm head"]
+    for s in PRESETS.values():
+        lines.append(
+            f"{s.name:<14} {s.total_params() / 1e9:7.2f} B  {s.layers:>6} {s.hidden:>6} "
+            f"{f'{s.heads}/{s.kv_heads}':>8} {s.vocab:>7}  {'tied' if s.tied else 'separate'}"
+        )
+    lines.append(
+        "use one as --model NAME; a Hub id such as Qwen/Qwen2.5-7B-Instruct maps to its shape when it is "
+        "not in the local cache"
+    )
+    return "\n".join(lines)
+
+
 # transformers' per-architecture defaults for keys that save_pretrained omits when they equal the default.
 _TIED_DEFAULT = {"gemma": True, "gemma2": True, "gemma3_text": True}
 _QKV_BIAS_ALWAYS = {"qwen2"}  # Qwen2Attention builds q/k/v with bias=True regardless of config
@@ -312,9 +348,9 @@ def _lora_tensors(shape: Shape, r: int, targets: tuple[str, ...]) -> list[int]:
     return sizes
 
 
-def _optimizer_bytes(sizes: list[int], optimizer: str) -> int:
-    if optimizer == "adamw_torch":  # exp_avg + exp_avg_sq in fp32
-        return 8 * sum(sizes)
+def _optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int = 4) -> int:
+    if optimizer == "adamw_torch":  # exp_avg + exp_avg_sq, zeros_like(param): the parameters' dtype
+        return 2 * param_bytes * sum(sizes)
     total = 0
     for n in sizes:  # bitsandbytes 8-bit blockwise: two uint8 states + fp32 absmax per block, each
         if n < BNB_8BIT_MIN_SIZE:
@@ -352,7 +388,13 @@ def _hf_layer(s: Shape, a: int, rb: int, r: int, targets: tuple[str, ...], dropo
         fan_in = {n: v[0] for n, v in s.linears().items()}
         lora += sum((rb + 1) * fan_in[n] for n in t)
     saved = norms + qkv_in + attn + mlp_in + act + down_in + lora
-    backward = 2 * rb * h + 3 * rb * i + a * i  # dY and dX; SwiGLU gradients (3 x i) and the down-proj dX
+    # Autograd walks the layer backwards and frees each op's saved tensors once their gradients exist, so
+    # only the first ops' gradients meet everything saved: at down_proj, dY plus the down input's gradient
+    # from the base and the LoRA path (16-bit from each matmul, fp32 after autocast's cast back: rb*i
+    # twice while the second is 16-bit). The SwiGLU gradients (3 x rb*i) come after the down inputs they
+    # replace were freed. Counting every op's gradients on top of all saved activations, as before,
+    # over-predicted the H100 figures of issue 8 by 11-16% as tokens per step grew.
+    backward = rb * h + 2 * rb * i + a * i
     return saved, backward
 
 
@@ -377,7 +419,7 @@ def _unsloth_ce_chunk_bytes(tokens: int, vocab: int, free_bytes: int | None, fix
         target -= fixed_bytes
     exact = tokens * vocab * LOSS_BYTES_PER_LOGIT / target
     chunks = 1 if exact <= 1 else min(tokens, math.ceil(exact / 4) * 4)
-    return math.ceil(tokens / chunks) * vocab * LOSS_BYTES_PER_LOGIT
+    return math.ceil(tokens / chunks) * vocab * UNSLOTH_CE_LIVE_BYTES_PER_LOGIT
 
 
 def estimate(
@@ -409,7 +451,8 @@ def estimate(
         raise FtError(f"backend {backend!r}: expected unsloth or hf")
     if optimizer not in OPTIMIZERS:
         raise FtError(f"optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-    loss = loss or "chunked_nll"
+    # Unsloth forces its own fused CE (not TRL's chunked one); the hf path runs TRL's default.
+    loss = loss or ("unsloth_fused" if backend == "unsloth" else "chunked_nll")
     if loss not in LOSSES:
         raise FtError(f"loss {loss!r}: expected one of {', '.join(LOSSES)}")
     if seq_len < 1 or micro_batch < 1 or lora_r < 1:
@@ -458,9 +501,17 @@ def estimate(
 
     lora_sizes = _lora_tensors(s, lora_r, targets)
     n_lora = sum(lora_sizes)
-    b["lora weights (fp32)"] = 4 * n_lora  # peft autocast_adapter_dtype / Unsloth both keep LoRA in fp32
-    b["lora gradients (fp32)"] = 4 * n_lora
-    b["optimizer states"] = _optimizer_bytes(lora_sizes, optimizer)
+    # peft's autocast_adapter_dtype makes LoRA weights fp32, but TRL 1.14.2's SFTTrainer then casts every
+    # trainable parameter of a quantised model to bf16 (sft_trainer.py ~1166, QLoRA paper's recipe) on the
+    # stock trainer the hf backend uses. Unsloth rewrites TRL's trainer and keeps them fp32 (the H100
+    # figures agree with fp32 there within 3%). Gradients follow the parameters' dtype.
+    lb = 2 if backend == "hf" and quant == "nf4" else 4
+    lname = "bf16" if lb == 2 else "fp32"
+    b[f"lora weights ({lname})"] = lb * n_lora
+    b[f"lora gradients ({lname})"] = lb * n_lora
+    b["optimizer states"] = _optimizer_bytes(lora_sizes, optimizer, lb)
+    if lb == 2:
+        notes.append("hf: TRL's SFTTrainer casts the LoRA weights of a quantised model to bf16")
     if optimizer == "paged_adamw_8bit":
         notes.append(
             "paged optimizer states live in CUDA unified memory: on the card, but not in torch's allocated count"
@@ -524,7 +575,7 @@ def estimate(
     else:
         loss_terms = {"final hidden states": final, "full logits + CE buffers": T * V * (a + 12)}
     loss_terms = {"final norm input": final, **loss_terms}
-    step_terms = {"optimizer step temporaries": 4 * n_lora if optimizer == "adamw_torch" else 0}
+    step_terms = {"optimizer step temporaries": lb * n_lora if optimizer == "adamw_torch" else 0}
 
     phases = {
         "loss": keep + sum(loss_terms.values()),
@@ -565,6 +616,84 @@ def estimate(
         {k: int(v) for k, v in phases.items()},
         params,
         notes,
+    )
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+def eval_phases(
+    model: Any,
+    batch: int,
+    *,
+    prompt_tokens: int,
+    new_tokens: int,
+    loss_tokens: int | None = None,
+    dtype: str = "bfloat16",
+    quantization: str = "nf4",
+) -> dict[str, dict[str, int]]:
+    """Transient bytes of eval's two phases for `batch` rows, beside the loaded weights.
+
+    generation (transformers 5.17 generate, greedy, DynamicCache): K and V of every layer for prompt +
+    new tokens; the prefill's largest layer (its input, norm output and residual, q/k/v and attention
+    output, gate/up/SwiGLU); the last position's logits only (generate passes logits_to_keep=1), generate's
+    fp32 copy of them and the processed scores. loss (ft.eval.loss): the final hidden states and the
+    selected positions, one layer of the forward, and one chunk of logits (16-bit, then fp32).
+    A 4-bit linear is dequantised to the compute dtype for a many-token matmul in both.
+    """
+    from ft.eval.loss import LOGITS_CHUNK_BYTES, chunk_tokens
+
+    s = load_shape(model)
+    a = _dtype_bytes(dtype)
+    h, i, q, kv, V = s.hidden, s.intermediate, s.q_dim, s.kv_dim, s.vocab
+    layer = a * (3 * h + q + 2 * kv + q) + 3 * a * i  # per token of one decoder layer's forward
+    largest = max(fi * fo for fi, fo, _ in s.linears().values())
+    dequant = a * largest if quantization in ("nf4", "auto") else 0
+    P = batch * prompt_tokens
+    gen = {
+        "KV cache (prompt + new tokens)": 2 * s.layers * kv * (prompt_tokens + new_tokens) * batch * a,
+        "prefill: one layer's activations": layer * P,
+        "last-position logits (16-bit, fp32 copy, scores)": batch * V * (a + 4 + 4),
+        "dequantised weight (transient)": dequant,
+    }
+    T = batch * (loss_tokens or prompt_tokens + new_tokens)
+    chunk = chunk_tokens(V)
+    loss = {
+        "final hidden states + selected positions": 2 * a * h * T,
+        "one layer's activations": layer * T,
+        "logits chunk (16-bit, then fp32)": min(LOGITS_CHUNK_BYTES, 4 * V * T) + a * V * min(chunk, T),
+        "dequantised weight (transient)": dequant,
+    }
+    return {"generation": gen, "loss": loss}
+
+
+def eval_transient_bytes(model: Any, batch: int, **kw) -> int:
+    """The larger of eval's two phases (eval_phases) for `batch` rows."""
+    return max(sum(terms.values()) for terms in eval_phases(model, batch, **kw).values())
+
+
+def eval_batch_that_fits(
+    model: Any, free_bytes: int, max_batch: int, *, safety: float = FIT_SAFETY_FRACTION, **kw
+) -> int:
+    """The largest eval batch <= max_batch whose transient memory (with the allocator's reserve) fits in
+    `free_bytes` less the safety share; at least 1 (an out-of-memory then steps it down further)."""
+    room = free_bytes * (1 - safety)
+    for b in range(max(1, max_batch), 0, -1):
+        if eval_transient_bytes(model, b, **kw) * (1 + ALLOCATOR_RESERVE_FRACTION) <= room:
+            return b
+    return 1
+
+
+def eval_persistent_bytes(est: SizeEstimate) -> int:
+    """What eval keeps loaded, from a training estimate's terms: the weights in eval's dtypes (no fp32
+    upcast: eval does not call prepare_model_for_kbit_training), the LoRA weights in fp32 (peft's
+    from_pretrained autocasts 16-bit adapter weights to fp32) and cuBLAS' workspace."""
+    b, p, i = est.breakdown, est.params, est.inputs
+    a = _dtype_bytes(i["dtype"])
+    linear = sum(v for k, v in b.items() if k.startswith("base linear weights") or k.startswith("nf4 quant"))
+    return (
+        linear
+        + a * (p["embed"] + p["lm_head"] + p["norm"] + p["bias"])
+        + 4 * p["lora"]
+        + CUBLAS_WORKSPACE_BYTES
     )
 
 
@@ -642,6 +771,7 @@ class SizeReport:
     effective_batch: int
     eta: dict[str, Any]
     probe: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -658,6 +788,7 @@ class SizeReport:
             "estimate": self.estimate.to_dict(),
             "eta": self.eta,
             "probe": self.probe,
+            "eval": self.eval,
         }
 
     def render(self) -> str:
@@ -690,13 +821,30 @@ class SizeReport:
                     "not even micro-batch 1 fits: lower train.max_seq_length, keep quantization nf4 and "
                     "gradient checkpointing on, or use a smaller model / larger GPU"
                 )
+        ev = self.eval
+        if ev:
+            fit = (
+                f"largest that fits: {ev['batch_that_fits']}"
+                if ev.get("batch_that_fits") is not None
+                else "no GPU to fit against"
+            )
+            out.append(
+                f"eval: batch {ev['batch_size']} x ({ev['prompt_tokens']} prompt + {ev['new_tokens']} new tokens) "
+                f"-> predicted peak {ev['peak_allocated_bytes'] / GIB:.2f} GiB ({ev['phase']}; {fit}; "
+                "ft eval lowers the batch to what fits and halves it on an out-of-memory)"
+            )
         eta = self.eta
         if eta.get("seconds"):
             out.append(
                 f"time: {eta['tokens']:.3g} tokens ({eta['tokens_source']}) over {eta['steps']} steps "
-                f"at {eta['tokens_per_s']:.0f} tokens/s ({eta['tokens_per_s_source']}) ~ "
-                f"{_duration(eta['seconds'])}"
+                f"at {eta['tokens_per_s']:.0f} tokens/s ~ {_duration(eta['seconds'])}"
             )
+            if eta["tokens_per_s_source"] != "measured by --probe":
+                out.append(
+                    f"  the ETA assumes {eta['tokens_per_s_source']}; `ft size --probe` measures this GPU"
+                )
+            else:
+                out.append("  the ETA uses the tokens/s measured by --probe")
         elif eta.get("why"):
             out.append(f"time: not estimated ({eta['why']})")
         if self.probe:
@@ -785,10 +933,16 @@ def _eta(
     if measured_tps:
         out.update(tokens_per_s=measured_tps, tokens_per_s_source="measured by --probe")
     elif gpu is not None and gpu.bf16_tflops:
-        util = ASSUMED_FLOP_UTILISATION[est.inputs["backend"]]
+        backend = est.inputs["backend"]
+        util = MEASURED_FLOP_UTILISATION[backend]
+        matmul_peak = gpu.bf16_tflops * MATMUL_PEAK_FRACTION
         out.update(
-            tokens_per_s=gpu.bf16_tflops * 1e12 * util / fpt,
-            tokens_per_s_source=f"assumed {util:.0%} of {gpu.bf16_tflops:g} TFLOP/s bf16 peak",
+            tokens_per_s=matmul_peak * 1e12 * util / (6 * shape.total_params()),
+            tokens_per_s_source=(
+                f"{util:.0%} FLOP utilisation ({backend}, measured: {UTILISATION_SOURCE}) of a bf16 matmul "
+                f"peak of {matmul_peak:.0f} TFLOP/s ({MATMUL_PEAK_FRACTION:.0%} of the {gpu.bf16_tflops:g} "
+                "datasheet figure, as measured on the H100), 6 x params FLOPs per token"
+            ),
         )
     else:
         out["why"] = "GPU peak FLOP/s unknown: name a GPU (--gpu h100) or measure with --probe"
@@ -856,6 +1010,7 @@ def size_report(
         ok, headroom = fits(est, device, 0.0), device.memory_bytes - est.total_bytes
     tps = probe_result.get("tokens_per_s") if probe_result else None
     eta = _eta(settings, shape, est, device, data_stats, tps)
+    eval_info = _eval_report(settings, shape, est, device)
     name = m.name_or_path if shape.name in ("model", m.name_or_path) else f"{m.name_or_path} [{shape.name}]"
     return SizeReport(
         name,
@@ -870,7 +1025,38 @@ def size_report(
         t.effective_batch,
         eta,
         probe_result,
+        eval_info,
     )
+
+
+def _eval_report(settings, shape: Shape, est: SizeEstimate, gpu: Gpu | None) -> dict[str, Any]:
+    """Eval's predicted peak at eval.batch_size, prompts up to train.max_seq_length (an upper bound), and
+    the largest batch that fits the GPU beside the loaded weights."""
+    e, i = settings.eval, est.inputs
+    kw = {
+        "prompt_tokens": settings.train.max_seq_length,
+        "new_tokens": e.max_new_tokens,
+        "loss_tokens": settings.train.max_seq_length,
+        "dtype": i["dtype"],
+        "quantization": i["quantization"],
+    }
+    persistent = eval_persistent_bytes(est)
+    phases = {k: sum(v.values()) for k, v in eval_phases(shape, e.batch_size, **kw).items()}
+    phase = max(phases, key=phases.get)
+    fit = None
+    if gpu is not None:
+        free = gpu.memory_bytes - CUDA_CONTEXT_BYTES - int(persistent * (1 + ALLOCATOR_RESERVE_FRACTION))
+        fit = eval_batch_that_fits(shape, max(free, 0), e.batch_size, **kw)
+    return {
+        "batch_size": e.batch_size,
+        "prompt_tokens": kw["prompt_tokens"],
+        "new_tokens": e.max_new_tokens,
+        "persistent_bytes": persistent,
+        "phases": phases,
+        "phase": phase,
+        "peak_allocated_bytes": persistent + phases[phase],
+        "batch_that_fits": fit,
+    }
 
 
 # -- measure it ----------------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ what to install or change, not twenty minutes later inside CUDA. Checked here, w
     problems = check(settings, need_vram_bytes=sizing_estimate)
     enforce(problems)   # prints warnings, raises FtError with every error paragraph
 
-    gate(settings)      # both, for a command about to train: the VRAM need comes from the sizing model
+    gate(settings)      # for a command about to train: machine checks, then the backend, then VRAM
+
+The gate's order matters: Unsloth patches transformers, trl and peft when it is imported, and its import
+sets PYTORCH_ALLOC_CONF, which torch reads only when CUDA is initialised. Sizing a Hub model may import
+transformers (its config) and reading the GPU's facts initialises CUDA, so the backend is chosen (and
+Unsloth imported) between the cheap checks and the VRAM check.
 
 `FT_REQUIRE_GPU=1` (set by compose's `train` service) makes a missing GPU an error even when the recipe
 would fall back to the CPU.
@@ -374,21 +379,30 @@ def _disk_problems(out: Path, need: int | None, container: bool) -> list[Problem
     return problems
 
 
-def vram_need(settings: Any) -> int | None:
+def vram_need(settings: Any, backend: tuple[str, str] | None = None) -> int | None:
     """GPU memory the recipe needs by the sizing model (bytes on the card), or None where it cannot say.
 
     With `train.micro_batch: auto` that is the need at micro-batch 1, the least training can fall back
-    to. No training rows are counted (only the memory prediction is used, not the time). Never raises:
-    a preflight that cannot size the model still checks everything else.
+    to. No training rows are counted (only the memory prediction is used, not the time). `backend` is
+    (name, reason) of the backend that will train, when it is already chosen. Never raises: a preflight
+    that cannot size the model still checks everything else.
     """
     try:
         from ft import sizing
 
         micro = 1 if settings.train.micro_batch == "auto" else None
-        report = sizing.size_report(settings, micro_batch=micro, data_stats={"train_rows": 0})
+        report = sizing.size_report(
+            settings, micro_batch=micro, data_stats={"train_rows": 0}, backend=backend
+        )
         return int(report.estimate.total_bytes)
     except Exception:
         return None
+
+
+def _prepare_backend(settings: Any) -> tuple[str, str, str]:
+    from ft import backends
+
+    return backends.prepare(settings)
 
 
 def gate(
@@ -397,18 +411,29 @@ def gate(
     gpus: list[Gpu] | None | Literal["query"] = "query",
     need_vram_bytes: int | None = None,
     stream=None,
+    prepare: Callable[[Any], tuple[str, str, str]] | None = _prepare_backend,
     **kw: Any,
 ) -> list[Problem]:
     """The preflight of a command about to train (`ft run`, `ft train`): check, print warnings, raise on errors.
 
-    The VRAM need comes from the sizing model, asked only when a GPU is visible (without one there is no
+    In this order: (1) the machine checks, which import nothing heavy (a run that cannot work fails here,
+    with the advice); (2) `prepare(settings)` (default `ft.backends.prepare`) decides the device and
+    backend and, for Unsloth, imports it, first of all heavy imports and before CUDA is initialised;
+    (3) the VRAM need from the sizing model, asked only when a GPU is visible (without one there is no
     memory to compare with, and nothing heavy is imported). Other keyword arguments go to `check`.
     """
     gpus = query_gpus() if gpus == "query" else gpus
-    if need_vram_bytes is None and gpus and settings is not None:
-        need_vram_bytes = vram_need(settings)
-    problems = check(settings, need_vram_bytes=need_vram_bytes, gpus=gpus, **kw)
+    problems = check(settings, gpus=gpus, **kw)
     enforce(problems, stream)
+    chosen = prepare(settings) if prepare is not None and settings is not None else None
+    if chosen is not None and chosen[0] != "cuda":
+        return problems  # trains on the CPU: the GPU's memory is not the limit
+    if need_vram_bytes is None and gpus and settings is not None:
+        need_vram_bytes = vram_need(settings, chosen[1:] if chosen else None)
+    if need_vram_bytes and gpus:
+        vram = _vram_problems(gpus[0], need_vram_bytes)
+        enforce(vram, stream)
+        problems += vram
     return problems
 
 

@@ -10,9 +10,14 @@ built by `ft.data.encode`). What ft adds on top:
 - per-step metrics (loss, learning rate, grad norm, tokens/s) go to `metrics.jsonl` and a progress bar;
   a resume first drops the rows logged after its checkpoint, so the curve has each step once.
 
+- the first SIGINT/SIGTERM finishes the current step, checkpoints it and stops (ft.train.signals);
+- the adapter gets a real model card naming the recipe's model id (ft.train.card).
+
 Test-only fault hook: `FT_TEST_KILL_AT="<where>:<step>:<phase>"` makes the process SIGKILL itself at
 one named point (see `_test_kill_point` and its callers), so tests/test_resume.py can prove that a run
 killed anywhere resumes to the same adapter. Unset, it costs one environment lookup per point.
+`FT_TEST_PAUSE_AT` (same form) with `FT_TEST_PAUSE_FILE` makes it touch that file at the point and wait
+there for a stop signal, so a test can send a real SIGINT/SIGTERM at a known step.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ft.fsutil import (
     write_json,
     write_text,
 )
+from ft.train import signals
 
 CHECKPOINT_MARKER = "ft-checkpoint.json"
 CHECKPOINT_PREFIX = "step-"
@@ -85,6 +91,16 @@ def _test_kill_point(where: str, step: int, phase: str) -> None:
     """Test-only: die here, as `kill -9` would (no cleanup, no flush), when FT_TEST_KILL_AT names this point."""
     if _test_kill_armed(where, step, phase):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_pause_point(where: str, step: int, phase: str) -> None:
+    """Test-only: touch FT_TEST_PAUSE_FILE and wait (up to 5 minutes) for a stop signal at this point."""
+    if os.environ.get("FT_TEST_PAUSE_AT") != f"{where}:{step}:{phase}":
+        return
+    Path(os.environ["FT_TEST_PAUSE_FILE"]).touch()
+    deadline = time.monotonic() + 300
+    while not signals.requested() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -223,6 +239,7 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
 
         def on_step_end(self, args, state, control, **kw):
             _test_kill_point("step", state.global_step, "end")  # before this step is logged or saved
+            _test_pause_point("step", state.global_step, "end")
             global _steps_done_in_process
             _steps_done_in_process += 1
             if self.bar is not None:
@@ -438,11 +455,51 @@ def train(
     micro_batch: int,
     resume: str | None = None,
     force: bool = False,
+    resuming_run: bool = False,
 ) -> TrainResult:
-    """Train a LoRA adapter into `run_dir/adapter`; checkpoints under `run_dir/checkpoints`."""
+    """Train a LoRA adapter into `run_dir/adapter`; checkpoints under `run_dir/checkpoints`.
+
+    `resuming_run`: the run existed before this command (found by --resume), so the console says from
+    which step it goes on. A SIGINT/SIGTERM raises `signals.Interrupted` after checkpointing the step.
+    """
+    with signals.StopRequest() as stop:
+        return _train(
+            settings,
+            Path(run_dir),
+            train_rows,
+            eval_rows,
+            stop=stop,
+            data_sha256=data_sha256,
+            device=device,
+            backend=backend,
+            backend_reason=backend_reason,
+            micro_batch=micro_batch,
+            resume=resume,
+            force=force,
+            resuming_run=resuming_run,
+        )
+
+
+def _train(
+    settings,
+    run_dir: Path,
+    train_rows,
+    eval_rows,
+    *,
+    stop: signals.StopRequest,
+    data_sha256: str,
+    device: str,
+    backend: str,
+    backend_reason: str,
+    micro_batch: int,
+    resume: str | None,
+    force: bool,
+    resuming_run: bool,
+) -> TrainResult:
+    from transformers import TrainerCallback
+
     from ft import backends
 
-    run_dir = Path(run_dir)
     remove_stale_partials(run_dir)  # e.g. an adapter whose write was killed
     remove_stale_partials(run_dir / "checkpoints")
     recipe = settings.to_dict()
@@ -477,7 +534,11 @@ def train(
         if eval_rows
         else None,
         processing_class=loaded.tokenizer,
-        callbacks=(callbacks := _callbacks(run_dir, None)),
+        callbacks=[
+            *((_announce_resume(run_dir, TrainerCallback),) if resuming_run else ()),
+            *(callbacks := _callbacks(run_dir, None)),
+            signals.stop_callback(stop),  # last: after the test pause point that waits for the signal
+        ],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -493,13 +554,28 @@ def train(
         if eval_rows and not _eval_logged_at(run_dir, trainer.state.global_step):
             trainer.evaluate()  # the end-of-training evaluation the kill cut off, logged as it would have been
     finally:
-        callbacks[-1].on_train_end(
-            None, None, None
-        )  # end the progress bar's line before any error is printed
+        stop.stage = "finishing"
+        for callback in callbacks:  # end the progress bar's line before any error is printed
+            if hasattr(callback, "bar"):
+                callback.on_train_end(None, None, None)
     runtime = time.perf_counter() - t0
+    if stop.requested:
+        raise _interrupted(run_dir, stop.signum, trainer.state)
 
     prune_checkpoints(run_dir, settings.train.keep_last)  # in case a kill came before the last prune
-    adapter_dir = save_adapter(trainer, loaded, run_dir)
+    card = {
+        "run": run_dir.name,
+        "steps": trainer.state.global_step,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "micro_batch": micro_batch,
+        "grad_accum": accum,
+        "backend": backend,
+        "dtype": loaded.dtype,
+        "quantization": loaded.quantization,
+        "data_sha256": data_sha256,
+        "data_files": _data_files(run_dir),
+    }
+    adapter_dir = save_adapter(trainer, loaded, run_dir, settings=settings, card=card)
     return TrainResult(
         adapter_dir=adapter_dir,
         backend=backend,
@@ -521,18 +597,57 @@ def train(
     )
 
 
+def _announce_resume(run_dir: Path, base):
+    class AnnounceResume(base):
+        def on_train_begin(self, args, state, control, **kw):
+            print(
+                f"resuming run {run_dir.name} from step {state.global_step} of {state.max_steps}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return AnnounceResume()
+
+
+def _interrupted(run_dir: Path, signum: int, state) -> signals.Interrupted:
+    done = list_checkpoints(run_dir)
+    step = int(read_marker(done[-1]).get("step", 0)) if done else 0
+    kept = (
+        f"checkpoint {done[-1].name} holds step {step} of {state.max_steps}"
+        if done
+        else "no checkpoint was written yet"
+    )
+    return signals.Interrupted(
+        f"interrupted by {signals.signal_name(signum)} at step {state.global_step}: {kept}; "
+        "run the same command with `--resume auto` to continue",
+        signum,
+    )
+
+
+def _data_files(run_dir: Path) -> list[tuple[str, Any]]:
+    path = run_dir / "data.json"
+    if not path.is_file():
+        return []
+    files = json.loads(path.read_text(encoding="utf-8")).get("files", [])
+    return [(f.get("name", "?"), f.get("rows")) for f in files]
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def save_adapter(trainer, loaded, run_dir: Path) -> Path:
-    """The adapter in PEFT format (safetensors) plus the tokenizer, written atomically."""
+def save_adapter(trainer, loaded, run_dir: Path, *, settings=None, card: dict | None = None) -> Path:
+    """The adapter in PEFT format (safetensors) plus the tokenizer and a model card, written atomically."""
     from ft.fsutil import atomic_dir
+    from ft.train import card as model_card
 
     final = run_dir / "adapter"
     with atomic_dir(final, replace=True) as staging:
         trainer.model.save_pretrained(str(staging), safe_serialization=True)
         _test_kill_point("adapter", trainer.state.global_step, "staged")
         loaded.tokenizer.save_pretrained(str(staging))
+        if settings is not None:
+            model_card.set_base_model(staging, settings)
+            model_card.write_card(staging, settings, card or {})
         write_json(staging / "ft-adapter.json", {"env": "../env.json", "recipe": "../recipe.resolved.yaml"})
     return final

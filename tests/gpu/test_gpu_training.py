@@ -22,6 +22,15 @@ pytestmark = [
 ]
 
 
+def expected_fused_kernels(model_dir: Path, layers: int) -> dict[str, int]:
+    """What Unsloth fuses per architecture with LoRA on all seven projections, lora_dropout 0 and a 4-bit
+    base: O and the MLP on every layer; QKV only where q/k/v have no bias (Qwen2 always has one; Llama,
+    Mistral and Qwen3 only with `attention_bias`)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    qkv_bias = config["model_type"] == "qwen2" or bool(config.get("attention_bias"))
+    return {"layers": layers, "qkv": 0 if qkv_bias else layers, "o": layers, "mlp": layers}
+
+
 def test_ft_train_trains_a_few_steps_and_saves_a_peft_adapter(backend, small_model, tmp_path, run_ft):
     recipe = {
         "name": f"gpu-{backend}",
@@ -49,10 +58,16 @@ def test_ft_train_trains_a_few_steps_and_saves_a_peft_adapter(backend, small_mod
     assert meta["train"]["steps"] == 6
     info = meta["train"]["info"]
     assert info["quantization"] == "nf4"
+    # exactly the weights the recipe names (a local directory: no Hub commit)
+    assert info["weights"] == {"name_or_path": str(small_model), "revision": None, "commit": None}
     if backend == "unsloth":
-        assert info["unsloth"] and info["gradient_checkpointing"] == "unsloth"
-        # Unsloth's fused LoRA paths really took over both layers (not a silent fallback)
-        assert info["patched"] == {"layers": 2, "qkv": 2, "o": 2, "mlp": 2}
+        assert info["unsloth"]
+        # below 512 tokens Unsloth runs standard checkpointing, not its offloaded mode (models/_utils.py)
+        assert info["gradient_checkpointing"] is True
+        assert info["gradient_checkpointing_requested"] == "unsloth"
+        # the fused LoRA kernels the layers really run: Unsloth fuses QKV only where q/k/v have no bias,
+        # so never on Qwen2 (models/llama.py, patch_peft_model)
+        assert info["patched"] == expected_fused_kernels(small_model, layers=2)
     choice = json.loads((run / "env.json").read_text())["run"]["micro_batch_choice"]
     assert choice["source"].startswith("auto: the largest micro-batch `ft size` predicts fits")
     assert choice["micro_batch"] * choice["grad_accum"] == 8 and choice["attempts"][-1]["outcome"] == "ok"
