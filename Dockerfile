@@ -30,9 +30,9 @@ RUN apt-get update \
 
 # ---- builder: a venv filled from the lock before any source arrives, so code edits reuse this layer ---
 FROM python AS builder
-# hadolint ignore=DL3008
 # cmake and g++ build llama-cpp-python (`ft export`: GGUF conversion, quantisation, loading) from its locked
 # sdist, for the CPU; GGML_NATIVE=OFF so the image runs on CPUs other than the build machine's.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv python3-dev gcc g++ cmake libc6-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -111,6 +111,7 @@ def lint(session: nox.Session) -> None:
 def smoke(session: nox.Session) -> None:
     """The whole loop on the tiny recipe (check, train, eval, package), then verify the bundle."""
     install_locked(session)
+    _install_llama_converter(session)
     work = Path(session.create_tmp()).resolve() / "smoke"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -125,6 +126,9 @@ def smoke(session: nox.Session) -> None:
         "output.dir=runs",
         "--set",
         "output.bundle_dir=bundles",
+        # Issue 10: export as the last step, through llama.cpp's real converter, quantiser and loader.
+        "--set",
+        "export.formats=[merged,gguf,ollama]",
         env=env,
     )
     archives = sorted((work / "bundles").glob("*.tar.gz"))
@@ -132,11 +136,10 @@ def smoke(session: nox.Session) -> None:
         session.error("smoke: ft run left no bundle archive")
     session.run("ft", "verify", str(archives[-1]), env=env)
     session.run("ft", "verify", str(archives[-1]).removesuffix(".tar.gz"), env=env)
-    # Issue 10: the smoke bundle through llama.cpp's real converter, quantiser and loader, checked and sealed.
-    _install_llama_converter(session)
-    bundle = str(archives[-1]).removesuffix(".tar.gz")
-    session.run("ft", "export", bundle, "--to", "all", env=env)
-    session.run("ft", "verify", str(work / "bundles" / "exports" / Path(bundle).name), env=env)
+    # The export `ft run` sealed beside the bundle: merged, GGUF f16/q8_0/q4_k_m, Modelfile, report.
+    exported = work / "bundles" / "exports" / archives[-1].name.removesuffix(".tar.gz")
+    session.run("ft", "verify", str(exported), env=env)
+    session.log((exported / "export" / "report.md").read_text(encoding="utf-8"))
 
 
 def _install_llama_converter(session: nox.Session) -> None:

@@ -16,9 +16,20 @@ A JSONL line over 64 MiB is refused by the reader before either limit applies (t
 not read). With `--only default` it also runs against code from before data.max_row_chars existed
 (point PYTHONPATH at such a checkout); issue 9 reported 4.3 GB / 44 s (20 MB) and 12 GB (200 MB) then.
 
-Recorded 2026-12-01 on the 2-core CPU development machine (Python 3.11.7, transformers 5.17.0,
-tokenizers from the CPU lock; other jobs shared the CPU), baseline RSS of `ft data check` on a small
-file about 250 MiB; see the report of issue 9 for the table.
+Recorded 2026-12-01 on the 2-core CPU development machine (Python 3.11.7, transformers 5.17.0; other
+jobs shared the CPU, so wall times are loose), train.max_seq_length 2048. Peak RSS of the whole process;
+`ft data check` on a 10-row file peaks at 398 MiB (imports and tokenizer). "before" is the code of
+issue 9's report (no data.max_row_chars, whole rows tokenised), run with PYTHONPATH:
+
+    row     layout  before            default limit (refused)    limit raised (prefix tokenised)
+    20 MB   json    4,303 MiB, 111 s    79 MiB,  1.7 s             477 MiB, 15 s
+    20 MB   jsonl   4,303 MiB, 185 s    99 MiB,  0.9 s             477 MiB, 14 s
+    200 MB  json    12 GB (issue)      439 MiB,  4.4 s             997 MiB, 49 s
+    200 MB  jsonl   -                  168 MiB,  0.6 s (the 64 MiB line cap refuses it, either setting)
+
+Refused rows never load transformers, hence the small figures. With the limit raised, what is left is
+holding the row itself a few times (file bytes, decoded text, parsed row, rendered chat text); a split
+of the prompt into words for the leakage key once cost another 20x the row and now goes a chunk at a time.
 """
 
 from __future__ import annotations

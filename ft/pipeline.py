@@ -3,8 +3,9 @@
 The CLI calls these; each stage reads what the previous one left in the run directory, so `ft train`,
 `ft eval` and `ft package` can also be run one at a time (and `ft run` is just all of them).
 
-A run directory is created only after the recipe and the data have passed their checks, so bad input
-never leaves a half-made run behind.
+A run directory is created only after the recipe and the data have passed their checks, and removed
+again when training fails before its first step, so bad input never leaves a half-made run behind.
+Progress lines (`say`) go to stdout; stderr keeps the one-line errors.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ _made_output_dirs: set[Path] = set()
 
 
 def say(line: str) -> None:
-    """A progress line on the console (stderr, so stdout keeps only results)."""
+    """A progress line on the console: stdout, beside the results, so stderr keeps one line per error."""
     from ft.secrets import redact
 
-    print(redact(line), file=sys.stderr, flush=True)
+    print(redact(line), flush=True)
 
 
 def training_sha256(settings) -> str:
@@ -349,14 +350,14 @@ def train_stage(
     try:
         return _train_stage(prep, Path(run_dir), resume=resume, force=force, resuming_run=not new_run)
     except BaseException as exc:
-        trained = training._steps_done_in_process > steps_before or bool(training.list_checkpoints(run_dir))
-        if not trained and new_run:
+        stepped = training._steps_done_in_process > steps_before  # an optimizer step in this attempt
+        done = training.list_checkpoints(run_dir)
+        if new_run and not stepped and not done:
             discard_run(run_dir)
-        elif not trained and not isinstance(exc, OutOfMemory):
-            update_run(run_dir, status=status_before)
-        elif isinstance(exc, Interrupted):
-            done = training.list_checkpoints(run_dir)
+        elif stepped and isinstance(exc, Interrupted):
             update_run(run_dir, status="interrupted", checkpoint=done[-1].name if done else None)
+        elif not stepped and not isinstance(exc, OutOfMemory):  # OutOfMemory records "failed" itself
+            update_run(run_dir, status=status_before)
         raise
 
 
@@ -489,7 +490,8 @@ def eval_stage(prep: Prepared, run_dir: Path) -> dict[str, Any]:
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FtError(f"{run_dir}: no trained adapter yet; run `ft train` first")
-    say(f"eval: base and tuned model on {len(prep.check.eval)} held-out rows ({device}, backend {backend})")
+    n = min(len(prep.check.eval), s.eval.max_examples or len(prep.check.eval))
+    say(f"eval: base and tuned model on {n} held-out rows ({device}, backend {backend})")
     outcome = evaluate(s, adapter, prep.check.eval, device=device, backend=backend)
     ref = env_ref(run_dir)
     write_eval_outputs(run_dir, outcome.report, outcome.predictions, s, ref)

@@ -189,7 +189,8 @@ def test_full_disk_while_writing_the_bundle_archive(finished, monkeypatch, capsy
         disk_full_under(m, "/half/.good.tar.gz.")
         code, line = ft(capsys, "package", "runs/good", "--out", "half")
     assert code == 2 and f"half/good.tar.gz: {ENOSPC_LINE}" in line
-    assert sorted(p.name for p in (finished / "half").iterdir()) == ["good"]  # no archive, no temp file
+    # No archive, no temp file; the bundle directory and its identity sidecar were written before.
+    assert sorted(p.name for p in (finished / "half").iterdir()) == ["good", "good.manifest.sha256"]
     assert ft(capsys, "verify", "half/good") == (0, "")  # the directory was sealed before the archive
 
 

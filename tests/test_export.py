@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from export_fixtures import fake_run
 
 from ft.cli import main
 
@@ -29,73 +30,12 @@ needs_llama = pytest.mark.skipif(
 )
 
 
-def _fake_run(root: Path) -> Path:
-    """A finished, evaluated run of the tiny model without training it (seconds, not minutes): a LoRA with
-    random non-zero B, its greedy answers on held-out ticket prompts as the eval's "tuned" predictions."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ft.config import load_settings
-    from ft.eval.evaluate import load_schema_validator
-    from ft.eval.metrics import average, score
-    from ft.export.check import generate_hf
-    from ft.fsutil import write_json, write_text
-    from ft.manifest import capture
-    from ft.testing import ensure_tiny_model, ticket_rows
-
-    settings = load_settings("tiny", {"eval": {"max_new_tokens": 12}})
-    run = root / "runs" / "exp"
-    tiny = ensure_tiny_model()
-    tok = AutoTokenizer.from_pretrained(tiny)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    model = get_peft_model(
-        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.eval()
-    model.save_pretrained(run / "adapter")
-    rows = ticket_rows(10, seed=5)
-    prompts = [
-        tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
-    ]
-    refs = [r["messages"][-1]["content"] for r in rows]
-    answers = generate_hf(model, tok, prompts, settings.eval.max_new_tokens, settings.eval.batch_size)
-    validator, _ = load_schema_validator(settings.eval.json_schema)
-    scores = [
-        score(a, r, validator=validator, label_field="category") for a, r in zip(answers, refs, strict=True)
-    ]
-    preds = [
-        {"id": i, "prompt": p, "reference": r, "base": a, "tuned": a, "base_scores": s, "tuned_scores": s}
-        for i, (p, r, a, s) in enumerate(zip(prompts, refs, answers, scores, strict=True))
-    ]
-    write_text(run / "eval" / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-    metrics = average(scores)
-    write_json(
-        run / "eval" / "report.json",
-        {
-            "format": "ft-eval/1",
-            "metrics": {"base": metrics, "tuned": metrics},
-            "decision": {"verdict": "KEEP"},
-        },
-    )
-    write_text(run / "recipe.resolved.yaml", settings.to_yaml())
-    write_json(run / "env.json", capture(with_torch=False, full=False))
-    write_json(run / "data.json", {"files": []})
-    write_json(run / "run.json", {"name": "exp", "status": "complete", "completed": "2026-01-01T00:00:00Z"})
-    return run
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory, ft_cache):
     from ft.bundle import package
 
     work = tmp_path_factory.mktemp("export")
-    run = _fake_run(work)
+    run = fake_run(work)
     bundle = package(run, work / "bundles", archive=False)
     formats = "all" if _converter_ready() else "merged"
     assert main(["export", str(bundle), "--to", formats]) == 0
@@ -184,9 +124,9 @@ def test_tampered_gguf_fails_verify(loop, tmp_path, capsys):
 
 
 def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors  # progress lines may come before it; the error itself is one line
+    return errors[0]
 
 
 def test_run_without_adapter_is_refused(loop, tmp_path, capsys):
@@ -195,6 +135,7 @@ def test_run_without_adapter_is_refused(loop, tmp_path, capsys):
     shutil.rmtree(run / "adapter")
     assert main(["export", str(run), "--to", "merged", "--out", str(tmp_path / "out")]) == 2
     assert "no adapter" in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()  # nothing created for a refused export
 
 
 def test_run_that_failed_eval_is_refused(loop, tmp_path, capsys):
@@ -249,3 +190,41 @@ def test_metric_drop_fails_names_the_metric_and_keeps_files(loop, tmp_path, monk
     err = _one_line_error(capsys)
     assert "merged json_valid dropped 0.500" in err and "files kept" in err
     assert main(["verify", str(tmp_path / "exp")]) == 0
+
+
+@needs_llama
+def test_k_quants_are_real_at_widths_of_256(tmp_path):
+    """At the tiny model's width 64 llama.cpp falls back from Q4_K to Q5_0 (the report shows the tensor
+    types); at multiples of 256 q4_k_m really is Q4_K, through the same converter and quantiser."""
+    from ft.export import llamacpp
+    from ft.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", hidden=256)
+    f16 = tmp_path / "f16.gguf"
+    llamacpp.convert(model, f16, pre_tokenizer="qwen2")
+    llamacpp.quantize(f16, tmp_path / "q4.gguf", "q4_k_m")
+    types = llamacpp.tensor_types(tmp_path / "q4.gguf")
+    assert types.get("Q4_K", 0) >= 8, types
+
+
+def test_export_from_an_archive(loop, tmp_path, capsys):
+    """A .tar.gz bundle (what `nox -s export` copies out) is verified, unpacked and exported."""
+    from ft.bundle import package
+
+    package(loop["run"], tmp_path / "bundles", archive=True)
+    archive = tmp_path / "bundles" / "exp.tar.gz"
+    assert main(["export", str(archive), "--to", "merged"]) == 0
+    assert main(["verify", str(tmp_path / "bundles" / "exports" / "exp")]) == 0
+    assert not [p.name for p in (tmp_path / "bundles" / "exports").iterdir() if p.name.startswith(".")]
+
+
+@needs_llama
+def test_f16_conversion_is_byte_reproducible(loop, tmp_path):
+    """Converting the sealed merged model again gives the sealed f16 GGUF bit for bit (what a re-export by
+    `ft reproduce` would compare)."""
+    from ft.export import llamacpp
+    from ft.fsutil import sha256_file
+
+    again = tmp_path / "f16.gguf"
+    llamacpp.convert(loop["export"] / "export" / "merged", again, pre_tokenizer="qwen2")
+    assert sha256_file(again) == sha256_file(loop["export"] / "export" / "gguf" / "model-f16.gguf")

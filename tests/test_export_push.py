@@ -8,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from export_fixtures import fake_run
 
 from ft.cli import main
 
@@ -44,8 +45,13 @@ class _Hub(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self._record()
         if self.path == "/api/repos/create":
-            name = json.loads(body)["name"]
-            return self._reply({"url": f"http://127.0.0.1/{name}", "name": name})
+            req = json.loads(body)
+            repo = f"{req['organization']}/{req['name']}"
+            return self._reply(
+                {"url": f"http://127.0.0.1:{self.server.server_address[1]}/{repo}", "name": repo}
+            )
+        if self.path == "/api/validate-yaml":  # the model card's metadata block
+            return self._reply({"errors": [], "warnings": []})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
             return self._reply(
@@ -56,9 +62,9 @@ class _Hub(BaseHTTPRequestHandler):
                 }
             )
         if "/commit/" in self.path:
-            return self._reply(
-                {"commitUrl": "http://127.0.0.1/commit/abc", "commitOid": "a" * 40, "pullRequestUrl": None}
-            )
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            url = f"http://127.0.0.1:{self.server.server_address[1]}/{repo}/commit/{'a' * 40}"
+            return self._reply({"commitUrl": url, "commitOid": "a" * 40, "pullRequestUrl": None})
         return self._reply({"error": "unexpected"}, 404)
 
     def do_GET(self):
@@ -73,25 +79,20 @@ def hub(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # The suite runs offline (conftest); only this stand-in on 127.0.0.1 is reachable, so let the Hub client talk.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield _Hub.log
     server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, ft_cache):
-    import os
+    from ft.bundle import package
 
     work = tmp_path_factory.mktemp("push")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        assert main(
-            ["run", "--recipe", "tiny", "--set", "output.run_name=push", "--set", "train.epochs=1"]
-        ) in (0, 3)
-    finally:
-        os.chdir(cwd)
-    return next(p for p in (work / "bundles").iterdir() if p.is_dir())
+    return package(fake_run(work), work / "bundles", archive=False)
 
 
 def _uploaded(log) -> dict[str, bytes]:

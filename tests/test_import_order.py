@@ -91,7 +91,8 @@ os._exit(97)
 
 NVIDIA_SMI = """#!/bin/sh
 case "$*" in
-  *index,name,driver_version,memory.total,memory.free*) echo "0, NVIDIA H100 80GB HBM3, 580.65.06, 81559, 80000" ;;
+  *index,name,driver_version,memory.total,memory.free*)
+    echo "0, NVIDIA H100 80GB HBM3, 580.65.06, 81559, 80000" ;;
   *name,memory.total,driver_version*) echo "NVIDIA H100 80GB HBM3, 81559, 580.65.06" ;;
   *) echo "NVIDIA-SMI 580.65.06" ;;
 esac
@@ -107,7 +108,7 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory) -> dict:
-    """The fake CUDA machine: PYTHONPATH with the fakes, nvidia-smi on PATH, and the files each command reads."""
+    """The fake CUDA machine: the fakes on PYTHONPATH, nvidia-smi on PATH, the files the commands read."""
     root = tmp_path_factory.mktemp("import-order")
     site, bin_dir = root / "site", root / "bin"
     (site / "unsloth").mkdir(parents=True)
@@ -194,7 +195,7 @@ def _bench_worker(kind: str, work: Path) -> list[str]:
 
 
 def entries(machine: dict, work: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """name -> (argv after the interpreter, extra environment) for every entry point that trains or generates."""
+    """name -> (argv after the interpreter, extra environment) of each entry that trains or generates."""
     recipe = ["--recipe", str(machine["root"] / "recipe.yaml")]
     builtin = [*recipe, "--set", "model.name_or_path=builtin:tiny-qwen2"]
     return {

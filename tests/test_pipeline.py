@@ -22,7 +22,7 @@ def loop(tmp_path_factory, ft_cache):
     os.chdir(work)
     console = io.StringIO()
     try:
-        with contextlib.redirect_stderr(console):
+        with contextlib.redirect_stdout(console):
             assert main(["run", "--recipe", "tiny", "--set", "output.run_name=smoke"]) == 0
     finally:
         os.chdir(cwd)
@@ -44,7 +44,11 @@ def test_run_shows_each_stage_and_the_data_summary_on_the_console(loop):
     assert "held-out rows" in lines[starts[3]]
     data = [line for line in lines if line.startswith("data: ")]
     assert len(data) == 2
-    assert "rows from builtin:tickets.jsonl: " in data[0] and " train + " in data[0] and "(seeded split)" in data[0]
+    assert (
+        "rows from builtin:tickets.jsonl: " in data[0]
+        and " train + " in data[0]
+        and "(seeded split)" in data[0]
+    )
     assert "tokens per row p50 " in data[1] and "train.max_seq_length 128" in data[1]
 
 

@@ -11,6 +11,10 @@ The default run kills one run seven times in a row (each resume is itself killed
 so seven kill points cost nine processes with the reference. `pytest -m slow` adds a seeded random
 sweep over every kill point of a longer run that crosses an epoch boundary with gradient accumulation;
 FT_KILL_SWEEP_N and FT_KILL_SWEEP_SEED choose how many points and which.
+
+Without `output.run_name` (the default path), `--resume auto` must find the killed run by the hashes in
+its run.json, past newer decoys. A stop signal is real too: with `FT_TEST_PAUSE_AT` the process waits at
+a step's end until this test sends it SIGINT or SIGTERM, and must checkpoint that step and exit 130/143.
 """
 
 from __future__ import annotations
@@ -175,7 +179,7 @@ def test_resume_auto_finds_the_killed_run_without_a_run_name(tmp_path, short_ref
 
     proc = _ft_train(tmp_path, None, SHORT, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming run {killed.name} from step 3 of 12" in proc.stderr
+    assert f"resuming run {killed.name} from step 3 of 12" in proc.stdout
     assert len(list((tmp_path / "runs").iterdir())) == 3  # no new run
     assert json.loads((killed / "run.json").read_text())["status"] == "trained"
     assert _fingerprint(killed) == short_reference
@@ -216,7 +220,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_ends_the_same(tmp
         return  # the resume is the same either way; one is enough for the default test run
     proc = _ft_train(tmp_path, None, SHORT, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming run {run.name} from step 5 of 12" in proc.stderr
+    assert f"resuming run {run.name} from step 5 of 12" in proc.stdout
     assert _only_run(tmp_path) == run
     assert _fingerprint(run) == short_reference
 

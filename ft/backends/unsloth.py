@@ -156,9 +156,9 @@ def _fn_name(fn) -> str:
     return getattr(fn, "__name__", "") or ""
 
 
-def _fused(obj, attr: str) -> bool:
+def _fused(obj, *attrs: str) -> bool:
     """Unsloth's fused LoRA kernels are apply_lora_qkv / apply_lora_o / apply_lora_mlp_* (fast_lora.py)."""
-    return "lora" in _fn_name(getattr(obj, attr, None)).lower()
+    return any("lora" in _fn_name(getattr(obj, attr, None)).lower() for attr in attrs)
 
 
 def _base(proj):
@@ -181,7 +181,8 @@ def _why_not_fused(layer, kernel: str, settings) -> str:
         return f"no LoRA adapter on {', '.join(missing)} (lora.target_modules)"
     biased = [n for n, p in projs.items() if getattr(_base(p), "bias", None) is not None]
     if biased:
-        return f"{', '.join(biased)} {'has' if len(biased) == 1 else 'have'} a bias; Unsloth fuses only bias-free projections"
+        verb = "has" if len(biased) == 1 else "have"
+        return f"{', '.join(biased)} {verb} a bias; Unsloth fuses only bias-free projections"
     if settings is not None and settings.lora.dropout > 0:
         return "lora.dropout > 0"
     return "Unsloth kept PEFT's forward (a 32-bit base, or a layout its kernels do not read)"
@@ -196,11 +197,16 @@ def fused_kernels(model, settings=None) -> dict[str, Any]:
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = list(getattr(getattr(inner, "model", None), "layers", None) or [])
-    slots = {"qkv": ("self_attn", "apply_qkv"), "o": ("self_attn", "apply_o"), "mlp": ("mlp", "forward")}
+    # A tiled MLP keeps its own forward and takes the kernel as `_unsloth_forward` (patch_peft_model).
+    slots = {
+        "qkv": ("self_attn", ("apply_qkv",)),
+        "o": ("self_attn", ("apply_o",)),
+        "mlp": ("mlp", ("forward", "_unsloth_forward")),
+    }
     counts: dict[str, Any] = {"layers": len(layers)}
     not_fused: dict[str, str] = {}
-    for kernel, (part, attr) in slots.items():
-        unfused = [layer for layer in layers if not _fused(getattr(layer, part, None), attr)]
+    for kernel, (part, attrs) in slots.items():
+        unfused = [layer for layer in layers if not _fused(getattr(layer, part, None), *attrs)]
         counts[kernel] = len(layers) - len(unfused)
         if unfused:
             not_fused[kernel] = _why_not_fused(unfused[0], kernel, settings)

@@ -349,7 +349,7 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         "## Rerun it",
         "",
         f"    ft reproduce {archive}" + (" --key PUBLIC.pem" if signed else ""),
-        f"    {COMPOSE_REPRODUCE.format(archive=archive)}" + (" --key PUBLIC.pem" if signed else ""),
+        f"    {COMPOSE_REPRODUCE.format(archive=archive)}" + (" --key bundles/PUBLIC.pem" if signed else ""),
         "",
         "This retrains the sealed recipe on the sealed data (bundled in `data/`, or found by sha256) and prints, side by "
         "side, which environment facts differ from `env.json` and how far the new metrics are from the sealed ones. "
@@ -361,6 +361,7 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         "",
         *_env_lines(env),
         "",
+        "",  # a blank line before the identity line, so Markdown does not fold it into the list above
     ]
     return "\n".join(lines)
 

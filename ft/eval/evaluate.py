@@ -75,7 +75,7 @@ def _in_batches(
                     f"eval {what}: out of memory even one row at a time",
                     hint="lower eval.max_new_tokens or train.max_seq_length, or evaluate on a larger GPU",
                 ) from exc
-            steps.append({"phase": what, "batch_size": size, "error": autobatch._first_line(exc)})
+            steps.append({"phase": what, "batch_size": size, "error": autobatch.first_line(exc)})
         else:
             out += res
             i += len(chunk)

@@ -141,8 +141,10 @@ def export(
         raise FtError("export: no formats given (--to merged|gguf|ollama|all, or export.formats)")
     if "ollama" in formats and "gguf" not in formats:
         formats = [f for f in FORMATS if f in (*formats, "gguf")]
-    parent = source.parent if source.is_file() or (source / "MANIFEST.json").is_file() else source.parent
-    out_dir = Path(out_dir) if out_dir is not None else parent / EXPORTS_DIR
+    if not (source.is_file() or (source / "MANIFEST.json").is_file() or (source / "run.json").is_file()):
+        raise FtError(f"{source}: not a bundle (directory or .tar.gz) or a run directory")
+    out_dir = Path(out_dir) if out_dir is not None else source.parent / EXPORTS_DIR
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".ft-export.", suffix=".partial", dir=out_dir))
     try:
@@ -272,6 +274,8 @@ def export(
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # a refused export leaves no empty exports/ behind
+            out_dir.rmdir()
     breaches = [f"{r['format']}: {m}" for r in rows for m in r["breaches"]]
     return ExportResult(final, report, breaches)
 

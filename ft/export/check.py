@@ -70,8 +70,8 @@ def logits(model, tokenizer, prompts: list[str]):
     out = []
     with torch.inference_mode():
         for p in prompts:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)
-            out.append(model(**ids).logits.float()[0])
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(model.device)
+            out.append(model(**ids).logits.float()[0].cpu())
     return out
 
 
@@ -87,6 +87,7 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
         enc = tokenizer(
             prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         )
+        enc = enc.to(model.device)
         with torch.inference_mode():
             gen = model.generate(
                 **enc,
@@ -107,7 +108,9 @@ def run_merged(settings, merged_dir: Path, ref: Reference) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto")
+    # On a GPU when there is one: a 7B model generating on the CPU in transformers takes most of an hour.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto").to(device)
     model.eval()
     tok = AutoTokenizer.from_pretrained(merged_dir)
     load_s = time.perf_counter() - t0

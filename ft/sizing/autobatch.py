@@ -70,7 +70,7 @@ def free_memory() -> None:
         cuda.empty_cache()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
@@ -135,7 +135,7 @@ def step_down(
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            record = {"micro_batch": micro, "grad_accum": accum, "outcome": "oom", "error": _first_line(exc)}
+            record = {"micro_batch": micro, "grad_accum": accum, "outcome": "oom", "error": first_line(exc)}
             if started():
                 step = current_step() if current_step else None
                 record.update(outcome="oom mid-run", step=step)

@@ -601,9 +601,7 @@ def _announce_resume(run_dir: Path, base):
     class AnnounceResume(base):
         def on_train_begin(self, args, state, control, **kw):
             print(
-                f"resuming run {run_dir.name} from step {state.global_step} of {state.max_steps}",
-                file=sys.stderr,
-                flush=True,
+                f"resuming run {run_dir.name} from step {state.global_step} of {state.max_steps}", flush=True
             )
 
     return AnnounceResume()

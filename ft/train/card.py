@@ -47,7 +47,9 @@ def render(settings, facts: dict[str, Any]) -> str:
     front += ["library_name: peft", "pipeline_tag: text-generation", "tags:"]
     front += [f"- {tag}" for tag in tags] + ["---", ""]
 
-    revision = f" at revision `{m.revision}`" if m.revision else " (revision not pinned: model.revision)"
+    revision = (
+        f" at revision `{m.revision}`" if m.revision else " (revision not pinned; model.revision pins one)"
+    )
     files = ", ".join(f"`{Path(name).name}` ({rows} rows)" for name, rows in facts.get("data_files", []))
     steps = facts.get("steps")
     rows = [
