@@ -392,8 +392,8 @@ def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bo
         source, retry = f"checkpoint {resumed.name}", f"resuming {resumed.name} keeps its micro-batch"
     update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
     say(
-        f"train: {len(rows_train)} rows on {device} with backend {backend} ({reason}); micro-batch {start} "
-        f"({source}); loading {s.model.name_or_path}"
+        f"train: {len(rows_train)} rows on {device}, backend {backend} [{reason}], micro-batch {start} "
+        f"[{source}]; loading {s.model.name_or_path}"
     )
 
     # Optimizer steps completed by this attempt (ft.train counts every step of the process): an OOM before

@@ -40,7 +40,7 @@ def test_run_shows_each_stage_and_the_data_summary_on_the_console(loop):
     ]
     starts = [next(i for i, line in enumerate(lines) if line.startswith(s)) for s in stages]
     assert starts == sorted(starts)
-    assert " rows on cpu with backend hf " in lines[starts[2]] and "micro-batch 8" in lines[starts[2]]
+    assert " rows on cpu, backend hf [" in lines[starts[2]] and "micro-batch 8 [" in lines[starts[2]]
     assert "held-out rows" in lines[starts[3]]
     data = [line for line in lines if line.startswith("data: ")]
     assert len(data) == 2
