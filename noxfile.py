@@ -87,14 +87,16 @@ def tests(session: nox.Session) -> None:
     _install_llama_converter(session)  # tests/test_export.py converts and loads GGUF for real
     _print_versions(session)
     session.run("python", "-m", "ft", "env", "--short", env=OFFLINE)
-    session.run("pytest", "-m", "not slow and not gpu and not docker", *session.posargs, env=OFFLINE)
+    session.run(
+        "pytest", "-m", "not slow and not gpu and not docker", "--durations=15", *session.posargs, env=OFFLINE
+    )
 
 
 @nox.session(python=PYTHON)
 def slow(session: nox.Session) -> None:
     """The slow tests: a 1 GB single-line file, the 75,000-row data set, kill-and-resume sweeps."""
     install_locked(session)
-    session.run("pytest", "-m", "slow and not gpu", *session.posargs, env=OFFLINE)
+    session.run("pytest", "-m", "slow and not gpu", "--durations=10", *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON)
