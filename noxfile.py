@@ -1,6 +1,6 @@
 """Developer and CI sessions for ft.
 
-    nox                      # the default run (what CI runs): lint, tests, smoke, slow
+    nox                      # the default run (what CI runs): lint, tests, smoke, report, slow
     nox -s tests -- -k data  # pytest with extra arguments
     nox -s smoke             # `ft run` on the tiny recipe, then `ft verify` on its bundle
 
@@ -32,7 +32,7 @@ OFFLINE = {
     "PYTHONHASHSEED": "0",
 }
 
-nox.options.sessions = ["lint", "tests", "smoke", "slow"]
+nox.options.sessions = ["lint", "tests", "smoke", "report", "slow"]
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 
@@ -63,6 +63,12 @@ def _find_links() -> list[str]:
     return _lock_install.find_links(os.environ.get("PIP_FIND_LINKS"))
 
 
+# llama-cpp-python is built from its locked sdist. A native build (-march=native) on a machine whose CPU
+# reports AVX-512/AMX crashed in llama.cpp's decode (SIGSEGV) beside torch here; the portable build the image
+# also uses (Dockerfile) does not, and does not depend on which CPU the test machine has.
+LLAMA_BUILD_ENV = {"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF", "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+
+
 def install_locked(session: nox.Session) -> None:
     """Install the exact CPU lock (hash-checked), then ft itself without touching the pins.
 
@@ -75,7 +81,8 @@ def install_locked(session: nox.Session) -> None:
     session.install(
         *_lock_install.cpu_lock_install_args(
             str(CPU_LOCK), find_links_env=os.environ.get("PIP_FIND_LINKS"), installer=installer
-        )
+        ),
+        env=LLAMA_BUILD_ENV,
     )
     session.install("--no-deps", "-e", ".")
 
@@ -88,7 +95,12 @@ def tests(session: nox.Session) -> None:
     _print_versions(session)
     session.run("python", "-m", "ft", "env", "--short", env=OFFLINE)
     session.run(
-        "pytest", "-m", "not slow and not gpu and not docker", "--durations=15", *session.posargs, env=OFFLINE
+        "pytest",
+        "-m",
+        "not slow and not gpu and not docker and not browser",
+        "--durations=15",
+        *session.posargs,
+        env=OFFLINE,
     )
 
 
@@ -142,6 +154,18 @@ def smoke(session: nox.Session) -> None:
     exported = work / "bundles" / "exports" / archives[-1].name.removesuffix(".tar.gz")
     session.run("ft", "verify", str(exported), env=env)
     session.log((exported / "export" / "report.md").read_text(encoding="utf-8"))
+
+
+@nox.session(python=PYTHON)
+def report(session: nox.Session) -> None:
+    """report.html in a real browser: two tiny runs (learning rates 1e-2, 3e-3), sealed; headless Chromium
+    opens the bundled page and `ft report A B`'s comparison (tests marked `browser`). Pages and screenshots go
+    to build/report/. Needs Debian's `chromium` (.ci/run installs it); the tests skip, saying so, without it."""
+    install_locked(session)
+    _print_versions(session)
+    out = ROOT / "build" / "report"
+    env = {**OFFLINE, "FT_REPORT_ARTIFACTS": str(out)}
+    session.run("pytest", "-m", "browser", "tests/test_report_browser.py", "-rs", *session.posargs, env=env)
 
 
 def _install_llama_converter(session: nox.Session) -> None:

@@ -239,6 +239,13 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from ft.report.build import build
+
+    _out(f"wrote {build([Path(t) for t in args.targets], Path(args.out) if args.out else None)}")
+    return 0
+
+
 def cmd_keygen(args) -> int:
     from ft.bundle import signing
 
@@ -473,6 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code",
         action="store_true",
         help="allow a recipe with model.trust_remote_code (Hub model code); needs a signature checked by --key",
+    )
+
+    p = _sub(
+        subs,
+        "report",
+        "(re)build a run's or bundle's report.html, or compare two runs or bundles side by side",
+        "ft report runs/tiny-20261122-101500-1a2b3c4d runs/tiny-20261122-113000-5e6f7a8b",
+        cmd_report,
+    )
+    p.add_argument(
+        "targets",
+        nargs="+",
+        metavar="RUN_OR_BUNDLE",
+        help="one run directory, bundle or .tar.gz (its page), or two (a comparison page)",
+    )
+    p.add_argument(
+        "--out",
+        help="where to write the page (default: RUN/eval/report.html; beside a bundle, "
+        "BUNDLE.report.html; for two, ./compare-A-vs-B.html)",
     )
 
     p = _sub(

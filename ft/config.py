@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
@@ -114,6 +115,16 @@ class TrainSettings(Section):
     save_every: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept on disk.")
     log_every: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers fed by transformers' own callbacks; offline by default: TensorBoard "
+        "in RUN/tensorboard, MLflow file store in RUN/mlruns; W&B as you set it up (WANDB_MODE, ...).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `--set train.report_to=tensorboard`
 
 
 class DataSettings(Section):
@@ -176,6 +187,34 @@ class EvalSettings(Section):
     reproduce_tolerance: float = Field(
         0.02, ge=0, description="`ft reproduce` passes when every metric is within this of the sealed one."
     )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Forgetting check: lm-evaluation-harness tasks scored on base and tuned (needs "
+        "`pip install 'ft[benchmarks]'`). Each: `builtin:NAME` (shipped with ft: `builtin:ft_general_mc`), "
+        "a task YAML path (relative data_files are read against its folder), or a harness task name "
+        "(downloads its data). Empty: no check.",
+    )
+    benchmark_limit: int | None = Field(
+        None, gt=0, description="Score at most this many questions per benchmark task (None: all of them)."
+    )
+    max_benchmark_drop: float = Field(
+        0.10,
+        ge=0,
+        description="Largest allowed drop of a benchmark score, relative to the base's (0.10: DISCARD when "
+        "a general benchmark falls by more than 10%).",
+    )
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _one_benchmark(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `--set eval.benchmarks=builtin:ft_general_mc`
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks_named(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("entries must be builtin:NAME, a task YAML path or a harness task name")
+        return v
 
 
 class ExportSettings(Section):
@@ -405,6 +444,9 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
 def _has(tree: dict[str, Any], loc: tuple) -> bool:
     node: Any = tree
     for part in loc:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):  # a list item's error
+            node = node[int(part)]
+            continue
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]
@@ -430,6 +472,8 @@ def _explain(exc: ValidationError, source: str, cli: dict, environ: dict[str, st
         got = first.get("input")
         shown = "" if isinstance(got, dict | list) or got is None or not loc else f" (got {got!r})"
         text = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "literal_error" and isinstance(got, str):
+            shown += _suggest(got, re.findall(r"'([^']*)'", str(first.get("ctx", {}).get("expected", ""))))
         msg = f"{where}: {key}: {text}{shown}" if loc else f"{where}: {text}"
     if len(errors) > 1:
         msg += f" [+{len(errors) - 1} more problem(s)]"

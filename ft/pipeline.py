@@ -496,6 +496,10 @@ def eval_stage(prep: Prepared, run_dir: Path) -> dict[str, Any]:
     ref = env_ref(run_dir)
     write_eval_outputs(run_dir, outcome.report, outcome.predictions, s, ref)
     update_run(run_dir, status="complete", verdict=outcome.report["decision"]["verdict"], completed=utc_now())
+    if s.train.report_to:
+        from ft.report.trackers import log_final
+
+        log_final(s, run_dir, outcome.report, step=int((meta.get("train") or {}).get("steps") or 0))
     return outcome.report
 
 

@@ -83,9 +83,11 @@ class _Session:
     def __init__(self, backend: str):
         self.venv_backend = backend
         self.installs: list[tuple[str, ...]] = []
+        self.envs: list[dict[str, str] | None] = []
 
-    def install(self, *args: str) -> None:
+    def install(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.installs.append(args)
+        self.envs.append(env)
 
     def error(self, message: str):
         raise AssertionError(message)
@@ -123,6 +125,8 @@ def test_noxfile_installs_the_lock_with_these_arguments(monkeypatch, backend, li
         ("--require-hashes", "--no-deps", *expected, "-r", lock),
         ("--no-deps", "-e", "."),
     ]
+    # llama-cpp-python's sdist is built portable (no -march=native), as in the image
+    assert "-DGGML_NATIVE=OFF" in session.envs[0]["CMAKE_ARGS"]
 
 
 def test_lock_pins_torch_cpu_build_with_a_hash():

@@ -125,9 +125,12 @@ def tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 def token_stats(lengths: list[int]) -> dict[str, Any]:
-    """min, mean, p50/p90/p99 (nearest rank) and max of the token lengths, plus their total."""
+    """min, mean, p50/p90/p99 (nearest rank) and max of the token lengths, their total and histogram."""
     if not lengths:
-        return {"rows": 0, "total": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
+        return {
+            **{"rows": 0, "total": 0, "min": 0, "mean": 0.0, "p50": 0, "p90": 0, "p99": 0, "max": 0},
+            "histogram": {"edges": [], "counts": []},
+        }
     ordered = sorted(lengths)
     n = len(ordered)
     stats: dict[str, Any] = {
@@ -139,7 +142,19 @@ def token_stats(lengths: list[int]) -> dict[str, Any]:
     for p in PERCENTILES:
         stats[f"p{p}"] = ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))]
     stats["max"] = ordered[-1]
+    stats["histogram"] = length_histogram(ordered)
     return stats
+
+
+def length_histogram(ordered: list[int], bins: int = 24) -> dict[str, list[int]]:
+    """Counts of sorted token lengths in up to `bins` equal integer-width bins (report.html draws it)."""
+    lo, hi = ordered[0], ordered[-1]
+    width = max(1, math.ceil((hi - lo + 1) / bins))
+    counts = [0] * ((hi - lo) // width + 1)
+    for n in ordered:
+        counts[(n - lo) // width] += 1
+    edges = [lo + i * width for i in range(len(counts) + 1)]
+    return {"edges": edges, "counts": counts}
 
 
 def _size(n: int) -> str:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ft.config import resolve_path
 from ft.errors import FtError
+from ft.eval import benchmarks
 from ft.eval.loss import batch_loss, causal_lm, input_device
 from ft.eval.metrics import average, decide, score
 from ft.sizing import autobatch
@@ -186,6 +187,8 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
     e = settings.eval
     examples = examples[: e.max_examples] if e.max_examples else examples
     validator, _ = load_schema_validator(e.json_schema)
+    # Checked before the model loads: a missing task file or harness fails in seconds, not after eval.
+    bench_tasks = benchmarks.resolve(e.benchmarks) if e.benchmarks else []
     loaded = backends.get(backend).load_for_eval(settings, adapter_dir, device)
     model, tok = loaded.model, loaded.tokenizer
 
@@ -201,6 +204,11 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
         base_loss = _eval_loss(model, tok, loss_rows, batch, steps)
     tuned_out, batch = _generate(model, tok, prompts, e.max_new_tokens, batch, "eval tuned", steps)
     tuned_loss = _eval_loss(model, tok, loss_rows, batch, steps)
+    bench = (
+        benchmarks.run(model, tok, bench_tasks, limit=e.benchmark_limit, batch_size=batch)
+        if bench_tasks
+        else None
+    )
 
     label_field = settings.data.label_field
     predictions, base_scores, tuned_scores = [], [], []
@@ -223,7 +231,7 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
     base_avg, tuned_avg = average(base_scores), average(tuned_scores)
     if base_loss is not None:
         base_avg["eval_loss"], tuned_avg["eval_loss"] = base_loss, tuned_loss
-    decision = decide(base_avg, tuned_avg, e)
+    decision = decide(base_avg, tuned_avg, e, bench["tasks"] if bench else None)
     report = {
         "format": "ft-eval/1",
         "examples": len(examples),
@@ -246,4 +254,8 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
             "max_regression": e.max_regression,
         },
     }
+    if bench:
+        report["rule"]["max_benchmark_drop"] = e.max_benchmark_drop
+        report["benchmarks"] = decision.benchmarks
+        report["benchmark_harness"] = bench["harness"]
     return EvalOutcome(report, predictions)

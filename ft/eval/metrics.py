@@ -87,6 +87,8 @@ class Decision:
     verdict: str
     reasons: list[str] = field(default_factory=list)
     deltas: dict[str, float] = field(default_factory=dict)
+    # eval.benchmarks scores with their relative change and check (report.json's "benchmarks").
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "reasons": self.reasons, "deltas": self.deltas}
@@ -108,9 +110,27 @@ def _moved(delta: float) -> str:
     return f"{'improved' if delta > 0 else 'worsened'} by {abs(delta):.4f}"
 
 
-def decide(base: dict[str, float], tuned: dict[str, float], eval_settings) -> Decision:
-    """KEEP when the primary metric improves by at least `min_improvement` and no guard metric gets
-    worse by more than `max_regression`; otherwise DISCARD. Every check contributes a reason."""
+def benchmark_check(score: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    """One benchmark's score with `relative_change` ((tuned - base) / |base|, None when base is 0) and
+    `ok`: it does not worsen by more than `max_drop` of the base score (relative)."""
+    base, tuned = score["base"], score["tuned"]
+    better = score.get("higher_is_better", True)
+    worse_by = (base - tuned) if better else (tuned - base)
+    rel = None if base == 0 else round((tuned - base) / abs(base), 6)
+    ok = worse_by <= 0 if base == 0 else worse_by / abs(base) <= max_drop + 1e-12
+    return {**score, "relative_change": rel, "ok": bool(ok)}
+
+
+def decide(
+    base: dict[str, float],
+    tuned: dict[str, float],
+    eval_settings,
+    benchmarks: dict[str, dict[str, Any]] | None = None,
+) -> Decision:
+    """KEEP when the primary metric improves by at least `min_improvement`, no guard metric gets
+    worse by more than `max_regression` and no benchmark (eval.benchmarks: {task: {metric, base, tuned,
+    higher_is_better}}) drops by more than `max_benchmark_drop` relative; otherwise DISCARD. Every check
+    contributes a reason."""
     e = eval_settings
     reasons, deltas, keep = [], {}, True
     for metric in [e.primary_metric, *e.guard_metrics]:
@@ -136,4 +156,14 @@ def decide(base: dict[str, float], tuned: dict[str, float], eval_settings) -> De
                 f"guard {g}{_direction(g)}: base {base[g]:.4f} -> tuned {tuned[g]:.4f} ({_moved(deltas[g])}, "
                 f"may worsen by at most {e.max_regression:.4f}) {'ok' if ok else 'FAILS'}"
             )
-    return Decision("KEEP" if keep else "DISCARD", reasons, deltas)
+    checked = {}
+    for task, score in (benchmarks or {}).items():
+        c = checked[task] = benchmark_check(score, e.max_benchmark_drop)
+        keep &= c["ok"]
+        rel = "base is 0" if c["relative_change"] is None else f"{c['relative_change']:+.1%}"
+        lower = "" if c.get("higher_is_better", True) else ", lower is better"
+        reasons.append(
+            f"benchmark {task} {c['metric']}{lower}: base {c['base']:.4f} -> tuned {c['tuned']:.4f} ({rel}, "
+            f"may drop by at most {e.max_benchmark_drop * 100:g}% relative) {'ok' if c['ok'] else 'FAILS'}"
+        )
+    return Decision("KEEP" if keep else "DISCARD", reasons, deltas, checked)

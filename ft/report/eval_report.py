@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ft.errors import FtError
 from ft.fsutil import write_bytes, write_json, write_text
 
 METRIC_LABELS = {
@@ -103,6 +104,7 @@ def render_markdown(
         lines.append(
             f"| {METRIC_LABELS.get(metric, metric)} | {_fmt(base[metric])} | {_fmt(tuned[metric])} | {change:+.4f} |"
         )
+    lines += benchmark_lines(report)
     lines += ["", "## Decision", ""] + [f"- {r}" for r in d["reasons"]]
     worst = worst_examples(predictions, report["rule"]["primary_metric"], settings.eval.worst_examples)
     if worst:
@@ -127,6 +129,30 @@ def render_markdown(
     return "\n".join(lines)
 
 
+def benchmark_lines(report: dict[str, Any]) -> list[str]:
+    """The forgetting check's table (eval.benchmarks), or nothing when no benchmark ran."""
+    bench = report.get("benchmarks")
+    if not bench:
+        return []
+    h = report.get("benchmark_harness") or {}
+    lines = [
+        "",
+        "## General benchmarks (forgetting check)",
+        "",
+        f"lm-evaluation-harness {h.get('lm_eval_version', '')}, limit {h.get('limit')}; a score may drop by "
+        f"at most {report['rule']['max_benchmark_drop'] * 100:g}% relative to the base's.",
+        "",
+        "| task | metric | base | tuned | relative change | check |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for task, b in bench.items():
+        rel = "n/a" if b["relative_change"] is None else f"{b['relative_change']:+.1%}"
+        lines.append(
+            f"| {task} | {b['metric']} | {b['base']:.4f} | {b['tuned']:.4f} | {rel} | {'ok' if b['ok'] else 'FAILS'} |"
+        )
+    return lines
+
+
 def render_decision(report: dict[str, Any], settings, env_ref: dict[str, str]) -> str:
     d = report["decision"]
     r = report["rule"]
@@ -135,7 +161,7 @@ def render_decision(report: dict[str, Any], settings, env_ref: dict[str, str]) -
             f"# {d['verdict']}: {settings.name}",
             "",
             f"Rule: `{r['primary_metric']}` must improve by at least {r['min_improvement']}; "
-            f"no guard metric ({', '.join(r['guard_metrics']) or 'none'}) may fall by more than {r['max_regression']}.",
+            f"no guard metric ({', '.join(r['guard_metrics']) or 'none'}) may get worse by more than {r['max_regression']} (in its own direction).",
             "",
             *[f"- {reason}" for reason in d["reasons"]],
             "",
@@ -145,10 +171,28 @@ def render_decision(report: dict[str, Any], settings, env_ref: dict[str, str]) -
     )
 
 
+def write_html(run_dir: Path, report: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    """eval/report.html; a page that fails to render costs a warning, never the evaluation."""
+    import sys
+
+    from ft.report.html import write_run_report
+
+    try:
+        write_run_report(run_dir, report=report, predictions=predictions)
+    except FtError:  # a full disk or unwritable eval/ fails the evaluation, as for every other output
+        raise
+    except Exception as exc:  # noqa: BLE001 - a rendering bug must not cost the metrics; `ft report` can retry
+        print(
+            f"warning: eval/report.html not written ({type(exc).__name__}: {exc}); "
+            f"rebuild it with `ft report {run_dir}`",
+            file=sys.stderr,
+        )
+
+
 def write_eval_outputs(
     run_dir: Path, report: dict[str, Any], predictions: list[dict[str, Any]], settings, env_ref
 ) -> Path:
-    """eval/ (report.json, report.md, predictions.jsonl, loss.png) and decision.md, each atomically."""
+    """eval/ (report.json, report.md, report.html, predictions.jsonl, loss.png) and decision.md, each atomically."""
     eval_dir = run_dir / "eval"
     report = {**report, "env": env_ref}
     plot_loss(
@@ -160,5 +204,6 @@ def write_eval_outputs(
     )
     write_text(eval_dir / "report.md", render_markdown(report, predictions, settings, env_ref))
     write_text(run_dir / "decision.md", render_decision(report, settings, env_ref))
+    write_html(run_dir, report, predictions)
     write_json(eval_dir / "report.json", report)  # last: its presence marks the evaluation complete
     return eval_dir

@@ -396,6 +396,7 @@ def probe(settings, steps: int = 3, *, micro_batch: int | None = None) -> dict[s
             max_steps=steps + 1,
             save_strategy="no",
             logging_strategy="no",
+            report_to="none",  # a probe, not a run: nothing for train.report_to's trackers
             **getattr(impl, "sft_config_overrides", lambda _: {})(settings),
         )
         trainer = impl.trainer_class()(

@@ -260,6 +260,13 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
                     tokens_per_s=round(tokens / dt, 1),
                     tokens_seen=state.num_input_tokens_seen,
                 )
+                import torch
+
+                if torch.cuda.is_available():  # report.html: memory over time, measured vs `ft size` peak
+                    row.update(
+                        gpu_memory_bytes=torch.cuda.memory_allocated(),
+                        gpu_peak_bytes=torch.cuda.max_memory_allocated(),
+                    )
                 self.t_last, self.tokens_last = now, state.num_input_tokens_seen
                 if self.bar is not None:
                     self.bar.set_postfix(
@@ -403,6 +410,8 @@ def build_sft_config(
 ):
     from trl import SFTConfig
 
+    from ft.report import trackers
+
     t = settings.train
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -431,7 +440,9 @@ def build_sft_config(
         save_steps=t.save_every,
         save_total_limit=None,  # ft prunes its own (marked) checkpoints
         eval_strategy="epoch" if has_eval else "no",
-        report_to="none",
+        # Trackers' environment (offline, under run_dir unless the user set theirs) is set up here too.
+        report_to=trackers.report_to(settings, run_dir) or "none",
+        run_name=run_dir.name,
         disable_tqdm=True,  # ft draws its own bar with loss and learning rate
         include_num_input_tokens_seen="non_padding",
         max_length=t.max_seq_length,
