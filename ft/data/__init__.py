@@ -31,6 +31,7 @@ from ft.data.files import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_ro
 from ft.data.report import Tallies, Tally, build_report, render_report
 from ft.data.shapes import RowProblem, extract_label, normalise, show
 from ft.errors import FtError, located
+from ft.progress import bar
 
 __all__ = ["CheckResult", "DataError", "Example", "bounded_token_lengths", "check", "render_report"]
 
@@ -125,6 +126,13 @@ def check(
     return CheckResult(train, held, report, tokenizer)
 
 
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # read_rows reports the problem itself
+        return None
+
+
 def _warnings(read: int, dropped: dict[str, Any]) -> list[str]:
     """Say so when the policies threw most of the data away: the run would train on what little is left."""
     counts = {reason: tally["count"] for reason, tally in dropped.items() if tally["count"]}
@@ -180,10 +188,12 @@ class _RowContext:
                     "rename the folder or give another path"
                 )
                 continue
-            for line, row in read_rows(path, info, self.problems, max_line_bytes=max_line_bytes):
-                example = self.example(row, given, line)
-                if example is not None:
-                    examples.append(example)
+            with bar(_file_size(path), f"read {given}", "B") as progress:
+                for line, row in read_rows(path, info, self.problems, max_line_bytes=max_line_bytes):
+                    example = self.example(row, given, line)
+                    if example is not None:
+                        examples.append(example)
+                    progress.update(info.bytes - progress.n)
         return examples
 
     def example(self, row: Any, source: str, line: int | str) -> Example | None:
@@ -312,20 +322,24 @@ def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: 
 def _measure(rows: list[Example], tokenizer: Any, max_len: int, problems: Problems) -> None:
     """Set `tokens` on every row: one template render per row, tokenised in large batches, each row
     only as far as deciding whether it fits in `max_len` needs."""
+    with bar(len(rows), "token lengths", "row") as progress:
+        for lo in range(0, len(rows), BATCH):
+            _measure_batch(rows[lo : lo + BATCH], tokenizer, max_len, problems)
+            progress.update(min(BATCH, len(rows) - lo))
+
+
+def _measure_batch(batch: list[Example], tokenizer: Any, max_len: int, problems: Problems) -> None:
     from ft.data.encode import render_each, template_problem
 
-    for lo in range(0, len(rows), BATCH):
-        batch = rows[lo : lo + BATCH]
+    def refused(index: int, exc: Exception) -> None:
+        problems.add(f"{batch[index].id}: {template_problem(exc)}")
 
-        def refused(index: int, exc: Exception, batch: list[Example] = batch) -> None:
-            problems.add(f"{batch[index].id}: {template_problem(exc)}")
-
-        texts = render_each(tokenizer, [ex.messages for ex in batch], refused)
-        rendered = [(ex, text) for ex, text in zip(batch, texts, strict=True) if text is not None]
-        del texts
-        measured = bounded_token_lengths(tokenizer, [t for _, t in rendered], max_len)
-        for (ex, _), (n, exact) in zip(rendered, measured, strict=True):
-            ex.tokens, ex.tokens_exact = n, exact
+    texts = render_each(tokenizer, [ex.messages for ex in batch], refused)
+    rendered = [(ex, text) for ex, text in zip(batch, texts, strict=True) if text is not None]
+    del texts
+    measured = bounded_token_lengths(tokenizer, [t for _, t in rendered], max_len)
+    for (ex, _), (n, exact) in zip(rendered, measured, strict=True):
+        ex.tokens, ex.tokens_exact = n, exact
 
 
 def bounded_token_lengths(tokenizer: Any, texts: list[str], max_len: int) -> list[tuple[int, bool]]:

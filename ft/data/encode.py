@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ft.errors import FtError
+from ft.progress import bar
 
 IGNORE = -100  # the label value PyTorch's cross-entropy skips
 BATCH = 1024  # rows rendered and tokenised per call (the fast tokenizer parallelises inside a batch)
@@ -181,17 +182,20 @@ def encode(
         "dropped_no_labels": 0,
     }
     rows: list[dict[str, list[int]]] = []
-    for lo in range(0, len(examples), BATCH):
-        batch = examples[lo : lo + BATCH]
-        fulls = render_chats(tokenizer, [ex.messages for ex in batch])
-        spans = assistant_spans(tokenizer, batch, fulls) if assistant_only else None
-        enc = _tokenize_with_offsets(tokenizer, fulls, want_offsets=assistant_only)
-        for k, example in enumerate(batch):
-            ids = enc["input_ids"][k]
-            labels = label_tokens(ids, enc["offset_mapping"][k], spans[k]) if spans is not None else list(ids)
-            row = _fit(example, ids, labels, max_seq_length, too_long, counts)
-            if row is not None:
-                rows.append(row)
+    with bar(len(examples), "encode", "row") as progress:
+        for lo in range(0, len(examples), BATCH):
+            batch = examples[lo : lo + BATCH]
+            fulls = render_chats(tokenizer, [ex.messages for ex in batch])
+            spans = assistant_spans(tokenizer, batch, fulls) if assistant_only else None
+            enc = _tokenize_with_offsets(tokenizer, fulls, want_offsets=assistant_only)
+            for k, example in enumerate(batch):
+                ids = enc["input_ids"][k]
+                offsets = enc["offset_mapping"][k] if spans is not None else None
+                labels = label_tokens(ids, offsets, spans[k]) if spans is not None else list(ids)
+                row = _fit(example, ids, labels, max_seq_length, too_long, counts)
+                if row is not None:
+                    rows.append(row)
+            progress.update(len(batch))
     counts["rows_out"] = len(rows)
     if stats is not None:
         stats.update(counts)

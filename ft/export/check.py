@@ -17,6 +17,7 @@ from typing import Any
 
 from ft.errors import FtError
 from ft.eval.metrics import average, score
+from ft.progress import bar
 
 # Largest |merged - adapter| logit allowed per merged dtype (fp32: measured 2e-5 on the tiny model).
 LOGIT_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
@@ -83,22 +84,24 @@ def generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(
-            prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        enc = enc.to(model.device)
-        with torch.inference_mode():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+    with bar(len(prompts), "check merged", "prompt") as progress:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            enc = enc.to(model.device)
+            with torch.inference_mode():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            progress.update(len(new))
     tokenizer.padding_side = "right"
     return out
 
@@ -139,14 +142,20 @@ def run_gguf(settings, path: Path, ref: Reference, hf_tokenizer) -> dict[str, An
     load_s = time.perf_counter() - t0
     answers, same_tokens, n_tokens = [], 0, 0
     t0 = time.perf_counter()
-    for prompt in ref.prompts:
-        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        same_tokens += ids == hf_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out = llm.create_completion(
-            prompt=ids, max_tokens=settings.eval.max_new_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0
-        )
-        answers.append(out["choices"][0]["text"].strip())
-        n_tokens += out["usage"]["completion_tokens"]
+    with bar(len(ref.prompts), f"check {path.name}", "prompt") as progress:
+        for prompt in ref.prompts:
+            ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+            same_tokens += ids == hf_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            out = llm.create_completion(
+                prompt=ids,
+                max_tokens=settings.eval.max_new_tokens,
+                temperature=0.0,
+                top_k=1,
+                repeat_penalty=1.0,
+            )
+            answers.append(out["choices"][0]["text"].strip())
+            n_tokens += out["usage"]["completion_tokens"]
+            progress.update(1)
     gen_s = time.perf_counter() - t0
     llm.close()
     return {
