@@ -262,6 +262,7 @@ def cmd_reproduce(args) -> int:
         Path(args.work),
         key=Path(args.key) if args.key else None,
         trust_remote_code=args.trust_remote_code,
+        export_bundle=Path(args.export) if args.export else None,
     )
     _out(outcome.render())
     return 0 if outcome.passed else 3
@@ -480,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code",
         action="store_true",
         help="allow a recipe with model.trust_remote_code (Hub model code); needs a signature checked by --key",
+    )
+    p.add_argument(
+        "--export",
+        metavar="EXPORT_BUNDLE",
+        help="also re-convert the re-run to f16 GGUF and compare its sha256 with this sealed export's "
+        "(bundles/exports/NAME, made by `ft export`)",
     )
 
     p = _sub(

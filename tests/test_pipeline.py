@@ -196,3 +196,29 @@ def test_bad_data_leaves_no_run_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.jsonl:1" in err[0] and "messages[1].role" in err[0]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["train.jsonl"]
+
+
+@pytest.mark.slow
+def test_reproduce_reconverts_the_export_and_compares_the_f16_gguf(loop, capsys):
+    """Issue 10: `ft reproduce --export` re-exports the re-run and compares the f16 GGUF with the sealed one."""
+    pytest.importorskip("llama_cpp")
+    cwd = os.getcwd()
+    os.chdir(loop)
+    try:
+        assert main(["export", "bundles/smoke.tar.gz", "--to", "gguf", "--quant", ""]) == 0
+        capsys.readouterr()
+        exported = "bundles/exports/smoke"
+        assert (
+            main(["reproduce", "bundles/smoke.tar.gz", "--work", "again-export", "--export", exported]) == 0
+        )
+        out = capsys.readouterr().out
+        assert "Export (f16 GGUF, re-converted)" in out and "- identical" in out
+        # An export made from another bundle is refused, naming the mismatch
+        other = loop / "bundles" / "exports" / "smoke" / "export" / "report.json"
+        assert other.is_file()
+        assert (
+            main(["reproduce", "bundles/smoke.tar.gz", "--work", "again-x", "--export", "bundles/smoke"]) == 2
+        )
+        assert "no export/gguf/model-f16.gguf" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)

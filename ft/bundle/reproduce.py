@@ -244,19 +244,58 @@ def fresh_work_dir(work_root: Path, bundle: Path) -> Path:
 
 # -- the re-run ---------------------------------------------------------------------------------------
 @dataclass
+class ExportComparison:
+    """The sealed export's f16 GGUF against the same conversion of the re-run's adapter.
+
+    The f16 conversion is deterministic (tests/test_export.py), so it differs only where the weights
+    do: identical adapters must give identical GGUF bytes; different adapters (another GPU, another
+    kernel) make different bytes expected, and then the metrics comparison is the judge.
+    """
+
+    sealed_f16: str
+    rerun_f16: str
+    adapter_identical: bool
+    export_bundle: Path
+
+    @property
+    def identical(self) -> bool:
+        return self.sealed_f16 == self.rerun_f16
+
+    @property
+    def passed(self) -> bool:
+        return self.identical or not self.adapter_identical
+
+    def render(self) -> str:
+        if self.identical:
+            verdict = "identical"
+        elif self.adapter_identical:
+            verdict = "DIFFERS although the adapter is identical: the conversion is not reproducible here"
+        else:
+            verdict = "differs, as expected: the re-run's adapter differs from the sealed one"
+        return (
+            f"## Export (f16 GGUF, re-converted)\n\n"
+            f"- sealed ({self.export_bundle.name}): `{self.sealed_f16}`\n"
+            f"- re-run: `{self.rerun_f16}`\n"
+            f"- {verdict}\n"
+        )
+
+
+@dataclass
 class ReproduceOutcome:
     bundle: Path
     run_dir: Path
     env_diffs: list[EnvDiff]
     comparison: MetricComparison
+    export: ExportComparison | None = None
 
     @property
     def passed(self) -> bool:
-        return self.comparison.passed
+        return self.comparison.passed and (self.export is None or self.export.passed)
 
     def render(self) -> str:
         head = f"# Reproduction of {self.bundle.name}\n\nRe-run: {self.run_dir}\n\n"
-        return head + render_reproduce(self.env_diffs, self.comparison)
+        tail = f"\n{self.export.render()}" if self.export is not None else ""
+        return head + render_reproduce(self.env_diffs, self.comparison) + tail
 
 
 def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[str, str]:
@@ -296,7 +335,12 @@ def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[
 
 
 def reproduce(
-    bundle: Path, work_root: Path, *, key: Path | None = None, trust_remote_code: bool = False
+    bundle: Path,
+    work_root: Path,
+    *,
+    key: Path | None = None,
+    trust_remote_code: bool = False,
+    export_bundle: Path | None = None,
 ) -> ReproduceOutcome:
     """Verify the bundle, re-run its exact recipe on its exact data, compare environment and metrics.
 
@@ -307,7 +351,14 @@ def reproduce(
     created_root = not work_root.exists()
     work = fresh_work_dir(work_root, Path(bundle))
     try:
-        return _reproduce(Path(bundle), work, work_root, key=key, trust_remote_code=trust_remote_code)
+        return _reproduce(
+            Path(bundle),
+            work,
+            work_root,
+            key=key,
+            trust_remote_code=trust_remote_code,
+            export_bundle=Path(export_bundle) if export_bundle is not None else None,
+        )
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         if created_root:
@@ -317,7 +368,13 @@ def reproduce(
 
 
 def _reproduce(
-    bundle: Path, work: Path, work_root: Path, *, key: Path | None, trust_remote_code: bool
+    bundle: Path,
+    work: Path,
+    work_root: Path,
+    *,
+    key: Path | None,
+    trust_remote_code: bool,
+    export_bundle: Path | None = None,
 ) -> ReproduceOutcome:
     from ft.config import settings_from_dict
 
@@ -348,4 +405,42 @@ def _reproduce(
         run_dir=run_dir,
         env_diffs=compare_env(sealed_env, manifest.capture(full=False)),
         comparison=compare_metrics(sealed_report, new_report, settings.eval.reproduce_tolerance),
+        export=_compare_export(export_bundle, bundle_dir, run_dir, work) if export_bundle else None,
+    )
+
+
+F16_GGUF = "export/gguf/model-f16.gguf"
+ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
+
+
+def _sealed_sha256(bundle_dir: Path, rel: str) -> str | None:
+    manifest = _read_sealed(bundle_dir, MANIFEST)
+    for entry in manifest.get("files", []) if isinstance(manifest, dict) else []:
+        if isinstance(entry, dict) and entry.get("path") == rel:
+            return entry.get("sha256")
+    return None
+
+
+def _compare_export(export_bundle: Path, bundle_dir: Path, run_dir: Path, work: Path) -> ExportComparison:
+    """Verify the sealed export, check it was made from this bundle, re-convert the re-run, compare."""
+    from ft.export import export
+    from ft.fsutil import sha256_file
+
+    export_dir, _ = open_bundle(export_bundle, work / "export-sealed")
+    sealed_f16 = _sealed_sha256(export_dir, F16_GGUF)
+    if sealed_f16 is None:
+        raise FtError(f"{export_bundle}: no {F16_GGUF} in this export; export it with `ft export --to gguf`")
+    made_from = _read_sealed(export_dir, "export/report.json").get("source_identity")
+    if made_from != sha256_file(bundle_dir / MANIFEST):
+        raise FtError(
+            f"{export_bundle}: this export was made from another bundle (identity {made_from}), not from "
+            f"the one being reproduced"
+        )
+    result = export(run_dir, ["gguf"], out_dir=work / "exports", quantizations=[], force=True)
+    return ExportComparison(
+        sealed_f16=sealed_f16,
+        rerun_f16=sha256_file(result.bundle / F16_GGUF),
+        adapter_identical=_sealed_sha256(bundle_dir, ADAPTER_WEIGHTS)
+        == sha256_file(run_dir / ADAPTER_WEIGHTS),
+        export_bundle=export_bundle,
     )
