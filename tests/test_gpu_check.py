@@ -236,6 +236,7 @@ def test_cpu_rehearsal_runs_ft_run_and_ft_verify_on_the_tiny_model(tmp_path):
     assert run["verify_exit"] == 0 and run["steps"] == 4 and run["device"] == "cpu"
 
 
+@pytest.mark.slow  # imports torch in a child process (~10 s)
 def test_the_device_probe_runs_here_and_says_there_is_no_cuda():
     facts = gpu_check.probe_device(bench_gpu.subprocess_env())
     assert "why" not in facts, facts  # the probe itself worked
