@@ -76,6 +76,8 @@ COPY ft /src/ft
 RUN pip install --no-cache-dir --no-deps --no-build-isolation --no-index /src
 # llama.cpp's converter is in the llama-cpp-python sdist, not its wheel: fetch the sdist the lock pins (its
 # hash checked by pip, then again by ft) and unpack the converter into the venv (ft.export.llamacpp).
+# --no-binary names only the sdist: pip prepares its metadata, and its build tools (ninja, …) must come as
+# wheels (`:all:` made pip try to compile ninja from source, which needs ninja or make).
 # hadolint ignore=DL3042
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
@@ -83,7 +85,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && if [ -s /run/secrets/index_url ]; then PIP_INDEX_URL="$(cat /run/secrets/index_url)" && export PIP_INDEX_URL; fi \
  && sed -n '/^llama-cpp-python==/{N;s/\\\n */ /;p}' /opt/ft/requirements.lock > /tmp/llama.req \
- && pip download --no-deps --no-binary :all: --require-hashes -r /tmp/llama.req -d /tmp/llama \
+ && pip download --no-deps --no-binary llama-cpp-python --require-hashes -r /tmp/llama.req -d /tmp/llama \
  && python -m ft.export.llamacpp install /tmp/llama/llama_cpp_python-*.tar.gz \
  && rm -rf /tmp/llama /tmp/llama.req
 
