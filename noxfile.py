@@ -108,6 +108,7 @@ def tests(session: nox.Session) -> None:
 def slow(session: nox.Session) -> None:
     """The slow tests: a 1 GB single-line file, the 75,000-row data set, kill-and-resume sweeps."""
     install_locked(session)
+    _install_llama_converter(session)  # `ft reproduce --export` re-converts to GGUF (tests/test_pipeline.py)
     session.run("pytest", "-m", "slow and not gpu", "--durations=10", *session.posargs, env=OFFLINE)
 
 
