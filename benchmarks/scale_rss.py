@@ -12,8 +12,9 @@ this one process, the stages `ft train` runs before its first step:
     encode    ft.data.encode.encode on the training split: input ids and assistant-only labels
     dataset   the datasets.Dataset the trainer is given (ft.train._to_dataset)
 
-For each stage: wall time, peak RSS of the process so far, and RSS still held after it. The baseline
-is taken after the imports and the tokenizer are loaded, so the growth is what the data costs.
+For each stage: wall time, peak RSS since the baseline, and RSS still held after it. The baseline is
+taken after the imports and the tokenizer are loaded, and the rows are written by a child process; on
+Linux the high-water mark is reset at the baseline, so the growth is what the data costs.
 
 What the growth is made of: the check keeps every row once, as normalised chat messages (Python strings
 and dicts; the file itself is streamed line by line and never held whole); encoding adds two Python
@@ -35,11 +36,11 @@ transformers 5.17.0, datasets 4.8.5; other jobs shared the CPU), 75,000 rows, 18
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,16 +50,43 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("ft_bench_data_check", HERE / "data_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def peak_rss_mib() -> float:
+    """The high-water RSS since the last `reset_peak_rss`, else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark again from the current RSS (Linux >= 4.0), so that what came before
+    the baseline -- imports, loading the tokenizer -- cannot hide a stage's peak (ru_maxrss never falls)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def write_rows_in_a_child(path: Path, rows: int, seed: int) -> int:
+    """Generate the rows in another process: whatever the generator holds is not this one's peak."""
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('gen', sys.argv[1])\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.write_rows(__import__('pathlib').Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(HERE / "data_check.py"), str(path), str(rows), str(seed)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def current_rss_mib() -> float | None:
@@ -88,7 +116,7 @@ def measure(rows: int, seed: int, max_seq_length: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ft-scale-") as tmp:
         path = Path(tmp) / "chat.jsonl"
-        size = _generator().write_rows(path, rows, seed)
+        size = write_rows_in_a_child(path, rows, seed)
         settings = load_settings(
             "tiny",
             [
@@ -100,6 +128,7 @@ def measure(rows: int, seed: int, max_seq_length: int) -> dict:
         )
         tokenizer = load_tokenizer(settings.model.name_or_path)
         baseline = {"peak_rss_mib": peak_rss_mib(), "rss_mib": current_rss_mib()}
+        baseline["peak_reset"] = reset_peak_rss()
 
         started = time.perf_counter()
         result = check(settings, tokenizer=tokenizer)
