@@ -78,7 +78,13 @@ def disk_error(path: Path, exc: BaseException, *, full: bool | None = None) -> F
     """The one-line error for a write to `path` that failed with `exc` (`full`: already known to be ENOSPC)."""
     if full or (full is None and getattr(exc, "errno", None) == errno.ENOSPC):
         return FtError(f"{path}: no space left on device while writing; the previous version is intact")
-    return FtError(f"{path}: could not write: {getattr(exc, 'strerror', None) or exc}")
+    reason = getattr(exc, "strerror", None) or exc
+    # The OSError may come from a file elsewhere (a cache, a temporary folder): name it, or the user
+    # goes looking in the wrong place.
+    culprit = getattr(exc, "filename", None)
+    if culprit and Path(str(culprit)) != Path(path):
+        return FtError(f"{path}: could not write: {reason} ({culprit})")
+    return FtError(f"{path}: could not write: {reason}")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -74,3 +74,16 @@ def test_secrets_are_masked_in_everything_written(tmp_path, monkeypatch):
     write_json(tmp_path / "m.json", {"note": "token hf_FAKEtoken1234567890 and wandb-fake-key-0987654321"})
     text = (tmp_path / "m.json").read_text()
     assert "hf_FAKE" not in text and "wandb-fake" not in text and MASK in text
+
+
+def test_a_write_error_elsewhere_names_the_file_that_failed(tmp_path):
+    """A permission error in a cache or temp folder must not read as if the output folder were at fault."""
+    from ft.fsutil import disk_error
+
+    out = tmp_path / "exports"
+    elsewhere = PermissionError(errno.EACCES, "Permission denied", "/cache/ft/llama-converter/x.py")
+    assert str(disk_error(out, elsewhere)) == (
+        f"{out}: could not write: Permission denied (/cache/ft/llama-converter/x.py)"
+    )
+    here = PermissionError(errno.EACCES, "Permission denied", str(out))
+    assert str(disk_error(out, here)) == f"{out}: could not write: Permission denied"
