@@ -43,7 +43,7 @@ def install(sdist: Path) -> Path:
     sdist = Path(sdist)
     if not sdist.is_file():
         raise FtError(
-            f"{sdist}: no such file; get it with `pip download --no-deps --no-binary :all: "
+            f"{sdist}: no such file; get it with `pip download --no-deps --no-binary llama-cpp-python "
             f"llama-cpp-python=={VERSION}`"
         )
     digest = sha256_file(sdist)
