@@ -1,6 +1,6 @@
 """Developer and CI sessions for ft.
 
-    nox                      # the default run (what CI runs): lint, tests, smoke, report, slow
+    nox                      # the default run (what CI runs): lint, tests, smoke, report, launch, slow
     nox -s tests -- -k data  # pytest with extra arguments
     nox -s smoke             # `ft run` on the tiny recipe, then `ft verify` on its bundle
 
@@ -32,7 +32,7 @@ OFFLINE = {
     "PYTHONHASHSEED": "0",
 }
 
-nox.options.sessions = ["lint", "tests", "smoke", "report", "slow"]
+nox.options.sessions = ["lint", "tests", "smoke", "report", "launch", "slow"]
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 
@@ -110,6 +110,31 @@ def slow(session: nox.Session) -> None:
     install_locked(session)
     _install_llama_converter(session)  # `ft reproduce --export` re-converts to GGUF (tests/test_pipeline.py)
     session.run("pytest", "-m", "slow and not gpu", "--durations=10", *session.posargs, env=OFFLINE)
+
+
+@nox.session(python=PYTHON)
+def launch(session: nox.Session) -> None:
+    """`ft launch`'s SkyPilot tasks, loaded and checked by SkyPilot itself (from its own hashed lock, in a
+    separate venv: its pins conflict with ft's), offline."""
+    install_locked(session)
+    sky_venv = Path(session.create_tmp()) / "skypilot"
+    session.install(UV)
+    if not (sky_venv / "bin" / "python").exists():
+        session.run("uv", "venv", "--python", PYTHON, str(sky_venv))
+    session.run(
+        "uv",
+        "pip",
+        "install",
+        "--python",
+        str(sky_venv / "bin" / "python"),
+        "--require-hashes",
+        "--no-deps",
+        *_index_args(),
+        "-r",
+        str(ROOT / "lockfiles" / "launch.txt"),
+    )
+    env = {**OFFLINE, "FT_TEST_SKY_PYTHON": str(sky_venv / "bin" / "python")}
+    session.run("pytest", "-q", "tests/test_launch.py", "-m", "not slow", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
@@ -256,6 +281,25 @@ def lock(session: nox.Session) -> None:
             "--quiet",
             *extra,
         )
+    # SkyPilot's own lock, apart from ft's (their pins conflict; env/launch.in says why).
+    launch_out = out_dir / "launch.txt"
+    if check and (ROOT / "lockfiles" / "launch.txt").is_file():
+        shutil.copy2(ROOT / "lockfiles" / "launch.txt", launch_out)
+    session.run(
+        "uv",
+        "pip",
+        "compile",
+        "env/launch.in",
+        *LOCK_TARGET,
+        *_index_args(),
+        "--generate-hashes",
+        "--custom-compile-command",
+        "nox -s lock",
+        "--output-file",
+        str(launch_out),
+        "--quiet",
+        *extra,
+    )
     if check:
         changed = [
             p.name

@@ -620,6 +620,26 @@ def cmd_smoke(a) -> int:
             try:
                 with timed("container smoke"):
                     run([*compose_cmd(), *project, "run", "--rm", "-T", "smoke"], env=env)
+                # Issue 10: the image exports what it trained (merged, GGUF f16/q8_0/q4_k_m, Modelfile),
+                # each loaded back and scored, with no network, through compose's `export` service.
+                smoke_archives = sorted((work / "bundles").glob("*.tar.gz"))
+                if smoke_archives:
+                    with timed("container export"):
+                        bundle_arg = f"bundles/{smoke_archives[-1].name}"
+                        run(
+                            [
+                                *compose_cmd(),
+                                *project,
+                                "run",
+                                "--rm",
+                                "-T",
+                                "export",
+                                bundle_arg,
+                                "--to",
+                                "all",
+                            ],
+                            env=env,
+                        )
             finally:
                 with contextlib.suppress(Exception):  # the named cache volume of this throwaway project
                     run([*compose_cmd(), *project, "down", "--volumes"], env=env, capture=True)
@@ -682,6 +702,10 @@ def _check_outputs(work: Path, uid: int, image_id: str, token: bytes) -> dict:
         raise Failure(f"the smoke run left no bundle archive in {work / 'bundles'}")
     for target in (archives[-1], Path(str(archives[-1]).removesuffix(".tar.gz"))):
         run([sys.executable, "-m", "ft", "verify", str(target)])
+    export = work / "bundles" / "exports" / archives[-1].name.removesuffix(".tar.gz")
+    if not (export / "export" / "report.json").is_file():
+        raise Failure(f"the container's `ft export` left no sealed export in {export}")
+    run([sys.executable, "-m", "ft", "verify", str(export)])
     wrong = [str(p) for d in ("runs", "bundles") for p in (work / d).rglob("*") if p.lstat().st_uid != uid]
     if wrong:
         raise Failure(f"files not owned by uid {uid}: {wrong[:5]}")

@@ -34,7 +34,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
         "--recipe",
         "-r",
         default=os.environ.get("FT_RECIPE") or "default",
-        help="built-in recipe name (default, tiny) or a YAML file [env FT_RECIPE; default: default]",
+        help="built-in recipe name (see `ft recipes`) or a YAML file [env FT_RECIPE; default: default]",
     )
     p.add_argument(
         "--set",
@@ -95,9 +95,10 @@ def cmd_recipes(args) -> int:
     if args.name:
         _out(load_settings(args.name).to_yaml())
         return 0
-    for name, path in sorted(builtin_recipes().items()):
-        desc = load_settings(path).description
-        _out(f"{name:10s} {desc}")
+    recipes = sorted(builtin_recipes().items())
+    width = max(len(name) for name, _ in recipes)
+    for name, path in recipes:
+        _out(f"{name:{width}s}  {load_settings(path).description}")
     if args.reference:
         _out("")
         for key, default, doc in field_docs():
@@ -147,7 +148,18 @@ def cmd_size(args) -> int:
         # First, before anything loads transformers: Unsloth, if that is the backend, must come first.
         _, name, reason = backends.prepare(settings, device="cuda")
         backend = (name, reason)
-    report = sizing.size_report(settings, gpu=args.gpu, micro_batch=args.micro_batch, backend=backend)
+    ranks = {
+        "nproc": args.nproc,
+        "nodes": args.nodes,
+        "distributed": args.distributed,
+        "interconnect": args.interconnect,
+    }
+    if args.nproc is None and (args.nodes != 1 or args.distributed or args.interconnect):
+        raise FtError("--nodes, --distributed and --interconnect size several processes: add --nproc N")
+    stated = sizing.stated_data(settings, rows=args.rows, tokens=args.tokens)
+    report = sizing.size_report(
+        settings, gpu=args.gpu, micro_batch=args.micro_batch, backend=backend, data_stats=stated, **ranks
+    )
     if args.probe:
         # Measured at the micro-batch the prediction is for, then the report again with the measured
         # tokens/s in the time estimate.
@@ -157,7 +169,9 @@ def cmd_size(args) -> int:
             gpu=args.gpu,
             micro_batch=report.estimate.inputs["micro_batch"],
             backend=backend,
+            data_stats=stated,
             probe_result=measured,
+            **ranks,
         )
     _out(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0
@@ -170,7 +184,7 @@ def _prepare_run(args, settings, finished):
     prep, run_dir, new = pipeline.prepare_run(
         settings, run_dir=args.run_dir, resume=args.resume, finished=finished
     )
-    _out(f"run directory: {run_dir}")
+    pipeline.say(f"run directory: {run_dir}")
     return prep, run_dir, new
 
 
@@ -184,6 +198,8 @@ def cmd_train(args) -> int:
     preflight.gate(settings)
     prep, run_dir, new = _prepare_run(args, settings, pipeline.FINISHED_TRAINING)
     result = pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force, new_run=new)
+    if pipeline.rank_done():  # torchrun: ranks other than 0 end here
+        return 0
     _out(
         f"adapter: {result.adapter_dir}  ({result.steps} steps, {result.runtime_s:.1f} s, backend {result.backend})"
     )
@@ -280,6 +296,8 @@ def cmd_run(args) -> int:
     meta = pipeline.read_run(run_dir)
     if meta.get("status") not in ("trained", "complete"):
         pipeline.train_stage(prep, run_dir, resume=args.resume, force=args.force, new_run=new)
+    if pipeline.rank_done():  # torchrun: rank 0 alone evaluates and packages
+        return 0
     report = pipeline.eval_stage(prep, run_dir)
     _out((run_dir / "decision.md").read_text(encoding="utf-8"))
     if not args.no_package:
@@ -290,6 +308,25 @@ def cmd_run(args) -> int:
         if settings.export.formats and report["decision"]["verdict"] == "KEEP":  # export.formats: last step
             _export(bundle_dir, settings.export.formats, None, None, force=False)
     return 0 if report["decision"]["verdict"] == "KEEP" or not args.strict else 3
+
+
+def cmd_launch(args) -> int:
+    from ft import launch
+
+    plan = launch.plan(
+        args.target,
+        nodes=args.nodes,
+        gpus=args.gpus,
+        out_dir=Path(args.out) if args.out else None,
+        image=args.image,
+        cloud=args.cloud,
+        overrides=args.overrides,
+        cluster=args.cluster,
+    )
+    _out(plan.render())
+    if args.up:
+        launch.up(plan)
+    return 0
 
 
 def _export(target: Path, formats, quants, out, *, force: bool) -> None:
@@ -409,9 +446,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe", action="store_true", help="also run a few real steps on the GPU and measure")
     p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="also size N GPU processes per node (torchrun --nproc-per-node): memory per GPU and wall time",
+    )
+    p.add_argument("--nodes", type=int, default=1, help="machines, each with --nproc GPUs (default: 1)")
+    p.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp"],
+        help="ddp replicates the model on every GPU, fsdp shards it (default: train.distributed, else ddp)",
+    )
+    p.add_argument(
+        "--interconnect",
+        choices=["nvlink", "pcie", "network"],
+        help="what links the GPUs, for the assumed scaling efficiency (default: nvlink, network with --nodes > 1)",
+    )
+    p.add_argument(
         "--list-models",
         action="store_true",
         help="list the built-in model shapes (usable as --model NAME, offline) and exit",
+    )
+    p.add_argument(
+        "--rows",
+        metavar="N",
+        help="size the ETA for this many rows of training data (e.g. 75k, `ft data check`'s rows read) "
+        "instead of the line count of the recipe's files",
+    )
+    p.add_argument(
+        "--tokens",
+        metavar="N",
+        help="and this many tokens in those rows (e.g. 3.1M, `ft data check`'s tokens total; needs --rows) "
+        "instead of the upper bound of every row at max_seq_length",
     )
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
@@ -544,6 +610,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="directory for the sealed export bundle (default: exports/ beside the bundle)"
     )
     p.add_argument("--force", action="store_true", help="export even if the evaluation verdict was not KEEP")
+
+    p = _sub(
+        subs,
+        "launch",
+        "write (and with --up start) a SkyPilot task: the recipe or bundle on N machines through torchrun",
+        "ft launch default --nodes 2 --gpus H100:8 --image ghcr.io/you/ft@sha256:<digest> --up",
+        cmd_launch,
+    )
+    p.add_argument(
+        "target", metavar="RECIPE_OR_BUNDLE", help="recipe name or YAML, or a bundle (.tar.gz or dir)"
+    )
+    p.add_argument("--nodes", type=int, default=1, help="machines (default: 1)")
+    p.add_argument("--gpus", required=True, help="accelerators per machine, NAME:COUNT (e.g. H100:8)")
+    p.add_argument("--cloud", help="cloud for SkyPilot (aws, gcp, azure, kubernetes, ...; default: cheapest)")
+    p.add_argument(
+        "--image", help="the ft image by digest, REF@sha256:<64 hex> (default: a local build's pushed digest)"
+    )
+    p.add_argument("--cluster", help="SkyPilot cluster name (default: ft-<recipe or bundle name>)")
+    p.add_argument("--out", help="where to write task.yaml and its workdir (default: launch/CLUSTER)")
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe setting, e.g. --set train.distributed=fsdp (repeatable)",
+    )
+    p.add_argument(
+        "--up", action="store_true", help="also start it through SkyPilot (pip install ft[launch])"
+    )
 
     p = _sub(
         subs,

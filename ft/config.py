@@ -24,7 +24,17 @@ from ft.errors import FtError
 from ft.fsutil import sha256_bytes
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METRICS = ("exact_match", "token_f1", "json_valid", "schema_valid", "label_accuracy", "eval_loss")
+METRICS = (
+    "exact_match",
+    "token_f1",
+    "json_valid",
+    "schema_valid",
+    "label_accuracy",
+    "headings_match",  # ft/eval/format_checks.py: the reference's Markdown outline (house-style docs)
+    "tool_call_exact",
+    "tool_name_match",
+    "eval_loss",
+)
 LOWER_IS_BETTER = {"eval_loss"}
 
 
@@ -66,6 +76,10 @@ class LoraSettings(Section):
     )
 
 
+# Accelerate shards only on accelerators; on CPU processes it would quietly train plain DDP instead.
+FSDP_CPU = "Accelerate shards with FSDP on GPUs only; use ddp on CPU"
+
+
 class TrainSettings(Section):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="`auto` = Unsloth on a supported CUDA GPU, else transformers+peft(+bitsandbytes)."
@@ -73,12 +87,26 @@ class TrainSettings(Section):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="Where to train; `auto` = CUDA when present."
     )
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none",
+        description="Several processes (torchrun / accelerate launch): `ddp` replicates the base on every "
+        "rank, `fsdp` shards it; `none` under a launcher with several processes means ddp. One process "
+        "is never wrapped. effective_batch counts all ranks.",
+    )
     max_seq_length: int = Field(2048, gt=8, description="Tokens per example after the chat template.")
     micro_batch: int | Literal["auto"] = Field(
         "auto", description="Examples per forward pass; `auto` = the largest that `ft size` predicts fits."
     )
     effective_batch: int = Field(
         16, gt=0, description="Examples per optimizer step (micro_batch x accumulation)."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several rows into each sequence of up to max_seq_length tokens (best-fit), "
+        "attention kept within each row by position ids that restart per row (padding-free batches), so "
+        "no compute goes to padding; micro_batch and effective_batch then count packed sequences. Use it "
+        "when most rows are much shorter than max_seq_length (short answers, classification, JSON "
+        "extraction): fewer, fuller steps. The per-token loss is the same as without it.",
     )
 
     @field_validator("micro_batch")
@@ -130,10 +158,14 @@ class TrainSettings(Section):
 class DataSettings(Section):
     train: list[str] = Field(
         default_factory=lambda: ["builtin:tickets.jsonl"],
-        description="Training files (JSONL or JSON array). `builtin:NAME` = a dataset shipped with ft.",
+        description="Training files (JSONL or JSON array). `builtin:NAME` = a dataset shipped with ft. "
+        "`hf:ORG/NAME` = split `train` of a Hugging Face Hub dataset, read through the Hugging Face cache "
+        "(offline under HF_HUB_OFFLINE=1 once cached); `hf:ORG/NAME:SPLIT` or `hf:ORG/NAME:CONFIG:SPLIT` "
+        "for another split or config, `@REVISION` after the name to pin a commit (`hf:ORG/NAME@COMMIT:train`; a 7+ digit prefix of it will do).",
     )
     eval: list[str] = Field(
-        default_factory=list, description="Held-out files; empty = a seeded split of `train`."
+        default_factory=list,
+        description="Held-out files or `hf:` dataset splits (as in `train`); empty = a seeded split of `train`.",
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto", description="Row shape; `auto` detects it per row."
@@ -157,11 +189,49 @@ class DataSettings(Section):
         description="Rows repeating an earlier conversation exactly: drop them, refuse the data, or keep them.",
     )
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template the rows are rendered with: null (or `tokenizer`) = the model tokenizer's "
+        "own; a built-in one as its family ships it: `chatml`, `llama3` (Llama 3.1/3.3), `qwen2.5`, `gemma` "
+        "(Gemma 3; a built-in's turn markers must be tokens of the model, and its end-of-turn becomes EOS); "
+        "or a Jinja file path (`builtin:NAME` = shipped with ft). Its source and sha256 go into data.json; "
+        "the adapter, merged model, GGUF and Modelfile carry it.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        from ft.data.chat_templates import check_setting
+
+        return check_setting(v)
+
     label_field: str | None = Field(
         None,
         description="JSON key of the assistant answer that holds a class label (label distribution, accuracy).",
     )
     labels: list[str] | None = Field(None, description="Declared label set; labels outside it are errors.")
+    reasoning: Literal["keep", "drop"] = Field(
+        "keep",
+        description="An assistant turn's reasoning (a `reasoning_content`/`reasoning`/`thinking` key or "
+        "part): `keep` trains on it, passed to the chat template as `reasoning_content` when the template "
+        "renders that key, else written before the answer as `<think>...</think>`; `drop` removes it. Keep "
+        "is the default because the rows are trained as given (dropping is a lossy choice to make on "
+        "purpose); drop it to teach a model without a thinking mode the answers only.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="ft's field -> the column that holds it, for rows whose columns have other names (Hub "
+        "datasets, LLaMA-Factory or axolotl files): `{messages: conversation, output: response}`. Fields: "
+        "messages, conversations, instruction, input, output, system, history, prompt, completion, text, "
+        "tools. Applies to every row of every file and dataset; errors name the row's own column.",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        from ft.data.columns import check_mapping
+
+        return check_mapping(v)
 
 
 class EvalSettings(Section):
@@ -293,6 +363,10 @@ class Settings(BaseSettings):
                 raise ValueError("train.backend: unsloth needs CUDA, but train.device is cpu")
             if "8bit" in t.optimizer:
                 raise ValueError(f"train.optimizer: {t.optimizer} needs CUDA, but train.device is cpu")
+            if t.distributed == "fsdp":
+                raise ValueError(
+                    f"train.distributed: fsdp needs CUDA GPUs, but train.device is cpu ({FSDP_CPU})"
+                )
         e = self.eval
         if e.primary_metric in e.guard_metrics:
             raise ValueError(f"eval.guard_metrics: {e.primary_metric!r} is already the primary metric")

@@ -87,12 +87,30 @@ def disk_error(path: Path, exc: BaseException, *, full: bool | None = None) -> F
     return FtError(f"{path}: could not write: {reason}")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp sibling, fsync, rename, fsync the directory."""
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+    """Write `data` to `path` atomically: temp sibling, fsync, rename, fsync the directory.
+
+    The file gets `mode`, else what open() would give it under the umask (mkstemp's 0600 would make
+    the files of a bundle or an image unreadable to everyone but their writer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -147,7 +165,17 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     try:
         yield staging
         fsync_tree(staging)
-        if final.exists():
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp's 0700 would hide it from every other user
+        if not replace:
+            # Someone else may have made `final` meanwhile (two processes building one cache entry): the
+            # rename refuses a non-empty target, so theirs is never swapped out from under a reader.
+            try:
+                os.rename(staging, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FtError(f"{final}: already exists; choose another output or remove it") from None
+                raise
+        elif final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

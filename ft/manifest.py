@@ -320,4 +320,23 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     if "distributions" in manifest:
         lines.append(f"distributions {len(manifest['distributions'])} installed (listed in the JSON form)")
+    lines += render_nodes(manifest.get("distributed"))
     return "\n".join(lines)
+
+
+def render_nodes(dist: dict[str, Any] | None) -> list[str]:
+    """Lines for a run trained by several processes: world size and each node's host facts (gathered
+    over the process group by ft.train.distributed.topology); nothing for a single-process run."""
+    if not dist:
+        return []
+    lines = [
+        f"processes     {dist.get('world_size')} ({dist.get('mode', '?')}), {dist.get('nproc_per_node')} per node "
+        f"on {dist.get('nnodes')} node(s)"
+    ]
+    for node in dist.get("nodes", []):
+        gpus = ", ".join(node.get("gpus") or []) or "no GPU"
+        lines.append(
+            f"node          {node.get('hostname')}: ranks {node.get('ranks')}, {gpus} (driver "
+            f"{node.get('driver') or '-'}, CUDA {node.get('cuda') or '-'}), cpu {(node.get('cpu') or {}).get('name')}"
+        )
+    return lines

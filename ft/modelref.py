@@ -108,8 +108,18 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
         raise _not_found(name_or_path, exc) from None
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer with a pad token and a chat template, or a clear error."""
+def load_tokenizer(
+    name_or_path: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    *,
+    chat_template: str | None = None,
+):
+    """The model's tokenizer with a pad token and a chat template (`chat_template`: the value of
+    data.chat_template, ft.data.chat_templates), or a clear error."""
+    from ft.data import chat_templates
+
+    chosen = chat_templates.resolve(chat_template)  # a bad name or file fails before any download
     path = resolve_model_path(name_or_path, revision)  # first: fails fast, before transformers loads
     from transformers import AutoTokenizer
 
@@ -120,9 +130,34 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise FtError(
-            f"model.name_or_path: {name_or_path!r} has no chat template; use an instruct/chat model "
-            "or a tokenizer that defines one"
-        )
+    chat_templates.apply(tok, chosen, model=name_or_path)
+    return tok
+
+
+def recipe_tokenizer(settings):
+    """The tokenizer of a recipe, for every stage (data check, training, eval, export): the model's,
+    with data.chat_template applied. Load it through here so no stage renders with another template."""
+    m = settings.model
+    return load_tokenizer(
+        m.name_or_path, m.revision, m.trust_remote_code, chat_template=settings.data.chat_template
+    )
+
+
+def adapter_tokenizer(settings, adapter_dir: str | os.PathLike):
+    """The tokenizer saved with an adapter: the one it was trained with, chat template included, even when
+    a template file the recipe names has moved since. The recipe's when the directory holds none."""
+    folder = Path(adapter_dir)
+    if not (folder / "tokenizer_config.json").is_file():
+        return recipe_tokenizer(settings)
+    from transformers import AutoTokenizer
+
+    from ft.data import chat_templates
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise FtError(f"{folder}: cannot load the adapter's tokenizer: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    chat_templates.apply(tok, None, model=str(folder))
     return tok

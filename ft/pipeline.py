@@ -67,10 +67,13 @@ _made_output_dirs: set[Path] = set()
 
 
 def say(line: str) -> None:
-    """A progress line on the console: stdout, beside the results, so stderr keeps one line per error."""
+    """A progress line on the console: stdout, beside the results, so stderr keeps one line per error.
+    Under several processes only rank 0 speaks (the others would repeat it)."""
     from ft.secrets import redact
+    from ft.train.distributed import is_main
 
-    print(redact(line), flush=True)
+    if is_main():
+        print(redact(line), flush=True)
 
 
 def training_sha256(settings) -> str:
@@ -218,12 +221,32 @@ def summarize_data(report: dict[str, Any]) -> str:
 
 def prepare_run(settings, *, run_dir: str | None, resume: str | None, finished=FINISHED_TRAINING):
     """check -> the run directory, with progress on the console: (Prepared, run directory, created now)."""
+    from ft.train import distributed
+
     m = settings.model
+    distributed.check(settings, settings.resolved_device())
+    distributed.init(settings.resolved_device())  # the launcher's process group, if any (else nothing)
     say(f"check: reading the data and the tokenizer of {m.name_or_path}")
     prep = check_data(settings)
     say(summarize_data(prep.check.report))
-    path, new = open_run(prep, run_dir=run_dir, resume=resume, finished=finished)
+    if not distributed.launched():
+        path, new = open_run(prep, run_dir=run_dir, resume=resume, finished=finished)
+        return prep, path, new
+    # Every rank checked the data; all must have seen the same, then rank 0 alone opens (or makes) the
+    # run directory and tells the others which it is (the name carries a time stamp only rank 0 took).
+    distributed.agree("the data (sha256)", prep.data_sha256)
+    distributed.agree("the resolved recipe (sha256)", settings.sha256)
+    opened = distributed.run_on_main(open_run, prep, run_dir=run_dir, resume=resume, finished=finished)
+    path, new = Path(opened[0]), bool(opened[1]) and distributed.is_main()
     return prep, path, new
+
+
+def rank_done() -> bool:
+    """After training: True on the ranks other than 0, whose part of the command ends there (rank 0
+    alone evaluates, writes reports and packages, with nothing left for the others to wait on)."""
+    from ft.train import distributed
+
+    return not distributed.is_main()
 
 
 def read_run(run_dir: Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
@@ -324,7 +347,10 @@ def initial_micro_batch(settings, device: str, backend: tuple[str, str] | None =
         return int(mb), "recipe (train.micro_batch)"
     if device != "cuda":
         # No memory model for host RAM; a modest batch that divides the effective batch keeps CPU runs responsive.
-        micro = max(d for d in range(1, 9) if settings.train.effective_batch % d == 0)
+        from ft.train.distributed import world_size
+
+        per_rank = max(1, settings.train.effective_batch // world_size())  # effective_batch spans the ranks
+        micro = max(d for d in range(1, 9) if per_rank % d == 0)
         return micro, "auto on CPU: the largest divisor of train.effective_batch up to 8"
     from ft.sizing import size_report
 
@@ -352,6 +378,8 @@ def train_stage(
     except BaseException as exc:
         stepped = training._steps_done_in_process > steps_before  # an optimizer step in this attempt
         done = training.list_checkpoints(run_dir)
+        if not training.distributed.is_main():
+            raise
         if new_run and not stepped and not done:
             discard_run(run_dir)
         elif stepped and isinstance(exc, Interrupted):
@@ -382,17 +410,31 @@ def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bo
         raise FtError(
             "data: no training rows left after encoding; check train.max_seq_length and data.too_long"
         )
+    world = training.distributed.world_size()
+    training.distributed.check(s, device)
+    if s.train.effective_batch % world or (
+        s.train.micro_batch != "auto" and s.train.effective_batch % (s.train.micro_batch * world)
+    ):
+        raise FtError(
+            f"train.effective_batch ({s.train.effective_batch}) must be a multiple of train.micro_batch x "
+            f"processes ({s.train.micro_batch} x {world}): every rank takes the same share of a step"
+        )
+    effective = s.train.effective_batch // world  # per rank
     start, source = initial_micro_batch(s, device, (backend, reason))
     retry: bool | str = s.train.micro_batch == "auto"
+    if retry and world > 1:  # one rank stepping down alone would leave the others waiting on it
+        retry = f"{world} processes must start with one micro-batch; set train.micro_batch to change it"
     resumed = training.find_resume_point(run_dir, resume)
     first_step = 0
     if resumed is not None:  # the checkpoint pins the micro-batch (ft.train keeps the run's data order)
         marker = training.read_marker(resumed)
         start, first_step = int(marker.get("micro_batch", start)), int(marker.get("step", 0))
         source, retry = f"checkpoint {resumed.name}", f"resuming {resumed.name} keeps its micro-batch"
-    update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
+    if training.distributed.is_main():
+        update_run(run_dir, status="training", backend=backend, backend_reason=reason, device=device)
     say(
-        f"train: {len(rows_train)} rows on {device}, backend {backend} [{reason}], micro-batch {start} "
+        ("" if world == 1 else f"{world} processes ({training.distributed.mode(s)}): ")
+        + f"train: {len(rows_train)} rows on {device}, backend {backend} [{reason}], micro-batch {start} "
         f"[{source}]; loading {s.model.name_or_path}"
     )
 
@@ -428,7 +470,7 @@ def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bo
         result, micro, attempts = step_down(
             attempt,
             start,
-            s.train.effective_batch,
+            effective,
             started=lambda: steps_done() > before[0],
             current_step=lambda: first_step + steps_done() - before[0] + 1,
             checkpoint=last_checkpoint,
@@ -436,9 +478,13 @@ def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bo
             retry=retry,
         )
     except OutOfMemory as exc:
-        update_run(run_dir, status="failed", error=str(exc), micro_batch_attempts=exc.attempts)
+        if training.distributed.is_main():
+            update_run(run_dir, status="failed", error=str(exc), micro_batch_attempts=exc.attempts)
         raise
     result.micro_batch_attempts = attempts
+    topology = training.distributed.topology()  # every node's host facts (collective; None for one process)
+    if not training.distributed.is_main():
+        return result
     choice = {
         "setting": s.train.micro_batch,
         "start": start,
@@ -458,6 +504,8 @@ def _train_stage(prep: Prepared, run_dir: Path, *, resume: str | None, force: bo
         micro_batch_choice=choice,
         weights=result.info.get("weights"),  # the repo, revision and Hub commit the backend loaded
     )
+    if topology is not None:
+        env["distributed"] = {**topology, **result.info.get("distributed", {})}
     write_json(run_dir / "env.json", env)
     write_json(
         result.adapter_dir / "ft-adapter.json",

@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ft.errors import FtError
+
 TINY_MODEL = "builtin:tiny-qwen2"
 TINY_SEED = 0
 
@@ -132,6 +134,47 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def write_cached_hub_dataset(
+    cache_dir: str | os.PathLike,
+    repo: str,
+    splits: dict[str, list[dict[str, Any]]],
+    commit: str,
+    config: str = "default",
+) -> Path:
+    """Put `splits` into a `datasets` cache folder as a Hub download of `repo` at `commit` leaves them, so
+    `load_dataset(repo)` finds them offline (no network: the rows go through a local parquet file)."""
+    import shutil
+    import tempfile
+
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache_dir = Path(cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for split, rows in splits.items():
+            files[split] = [str(Path(tmp) / f"{split}.parquet")]
+            datasets.Dataset.from_list(rows).to_parquet(files[split][0])
+        builder = Parquet(
+            cache_dir=str(cache_dir),
+            dataset_name=repo.split("/")[-1],
+            repo_id=repo,
+            hash=commit,
+            data_files=files,
+        )
+        builder.download_and_prepare()
+    # A Hub config's id is its name; a local build adds a hash of its data files to it.
+    built = Path(builder.cache_dir)
+    target = built.parents[1].with_name(config) / built.parent.name / built.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(built, target)
+    if built.parents[1] != target.parents[1]:
+        shutil.rmtree(built.parents[1])
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": config}))
+    return target
+
+
 def _tokenizer_corpus() -> list[str]:
     words = NAMES + CITIES + LABELS + [s for phrases in CATEGORIES.values() for s in phrases]
     sample = [json.dumps(r) for r in ticket_rows(400, seed=99)]
@@ -201,6 +244,13 @@ def build_tiny_model(
     return out
 
 
+def _in_process_group() -> bool:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FT_CACHE", Path.home() / ".cache" / "ft"))
 
@@ -238,10 +288,14 @@ def ensure_tiny_model() -> Path:
     )
     try:
         with atomic_dir(target) as staging:
-            if unsloth_may_follow:
+            # Under torchrun, transformers' save_pretrained writes the weights on rank 0 only; every other
+            # rank would seal a folder holding just the tokenizer. A child process has no process group.
+            if unsloth_may_follow or _in_process_group():
                 _build_in_child(staging)
             else:
                 build_tiny_model(staging)
+            if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
+                raise FtError(f"{target}: building the tiny model wrote no weights")
     except Exception:
         if (target / "config.json").is_file():  # another process won the race
             return target

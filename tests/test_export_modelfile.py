@@ -4,94 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ft.data.chat_templates import GEMMA3, LLAMA31, QWEN25  # as the families ship them
 from ft.errors import FtError
 from ft.export import gotemplate, modelfile
-
-# Shipped template strings (as published with the models' tokenizer_config.json; tool branches kept).
-QWEN25 = (
-    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
-    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
-    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'
-    'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
-    '    {%- for tool in tools %}\n        {{- "\\n" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n'
-    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '
-    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
-    '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
-    "{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
-    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
-    "{%- for message in messages %}\n"
-    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
-    '(message.role == "assistant" and not message.tool_calls) %}\n'
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
-    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
-    "        {%- for tool_call in message.tool_calls %}\n"
-    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n            {{- tool_call.function.name }}\n'
-    '            {{- \'", "arguments": \' }}\n            {{- tool_call.function.arguments | tojson }}\n'
-    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
-    '    {%- elif message.role == "tool" %}\n'
-    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
-    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n"
-    "        {{- '\\n<tool_response>\\n' }}\n        {{- message.content }}\n"
-    "        {{- '\\n</tool_response>' }}\n"
-    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
-    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
-)
-
-LLAMA31 = (
-    "{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n{%- endif %}\n"
-    "{%- if not tools_in_user_message is defined %}\n    {%- set tools_in_user_message = true %}\n{%- endif %}\n"
-    '{%- if not date_string is defined %}\n    {%- set date_string = "26 Jul 2024" %}\n{%- endif %}\n'
-    "{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n"
-    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
-    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
-    "    {%- set messages = messages[1:] %}\n{%- else %}\n"
-    '    {%- set system_message = "" %}\n{%- endif %}\n\n'
-    "{#- System message + builtin tools #}\n"
-    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}\n'
-    "{%- if builtin_tools is defined or tools is not none %}\n"
-    '    {{- "Environment: ipython\\n" }}\n{%- endif %}\n'
-    '{{- "Cutting Knowledge Date: December 2023\\n" }}\n{{- "Today Date: " + date_string + "\\n\\n" }}\n'
-    '{{- system_message }}\n{{- "<|eot_id|>" }}\n\n'
-    "{%- for message in messages %}\n"
-    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
-    "        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim"
-    " + '<|eot_id|>' }}\n"
-    "    {%- elif 'tool_calls' in message %}\n"
-    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
-    "        {{- '{\"name\": \"' + message.tool_calls[0].function.name + '\", ' }}\n"
-    "        {{- '\"parameters\": ' }}\n        {{- message.tool_calls[0].function.arguments | tojson }}\n"
-    '        {{- "}" }}\n        {{- "<|eot_id|>" }}\n'
-    '    {%- elif message.role == "tool" or message.role == "ipython" %}\n'
-    '        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}\n'
-    "        {{- message.content | tojson }}\n"
-    '        {{- "<|eot_id|>" }}\n    {%- endif %}\n{%- endfor %}\n'
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n"
-)
-
-GEMMA3 = (
-    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n"
-    '    {%- set first_user_prefix = "" -%}\n    {%- set loop_messages = messages -%}\n{%- endif -%}\n'
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
-    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n"
-    '        {%- set role = "model" -%}\n    {%- else -%}\n'
-    "        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
-    "    {%- endif -%}\n    {{ '<end_of_turn>\\n' }}\n{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n"
-)
 
 
 def _jinja_render(template: str, bos: str):

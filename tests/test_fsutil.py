@@ -87,3 +87,25 @@ def test_a_write_error_elsewhere_names_the_file_that_failed(tmp_path):
     )
     here = PermissionError(errno.EACCES, "Permission denied", str(out))
     assert str(disk_error(out, here)) == f"{out}: could not write: Permission denied"
+
+
+def test_atomic_writes_get_the_umask_modes_not_mkstemps_private_ones(tmp_path):
+    """The image unpacks llama.cpp's converter as root through atomic_dir; with mkdtemp's 0700 the
+    container's user could not read it and `docker compose run export` failed."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "tree") as staging:
+            write_text(staging / "a.txt", "x")
+        write_text(tmp_path / "b.txt", "y")
+        private = tmp_path / "key.pem"
+        from ft.fsutil import write_bytes
+
+        write_bytes(private, b"secret", mode=0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "tree").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "tree" / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600

@@ -17,7 +17,7 @@ def _log_one_step(tmp_path, monkeypatch, cuda: bool):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
     cb = training._callbacks(tmp_path, None)[-1]
-    state = SimpleNamespace(global_step=1, epoch=0.1, num_input_tokens_seen=100)
+    state = SimpleNamespace(global_step=1, epoch=0.1, num_input_tokens_seen=100, is_world_process_zero=True)
     cb.on_log(None, state, None, logs={"loss": 1.0, "learning_rate": 1e-3, "grad_norm": 0.5})
     return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
 

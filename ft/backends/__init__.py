@@ -65,10 +65,20 @@ def weights_info(model, settings) -> dict[str, Any]:
 
 def choose(settings, device: str, model_type: str | None) -> tuple[str, str]:
     """Pick the backend for this run; returns (name, reason) and the reason goes into the run manifest."""
+    from ft.train.distributed import world_size
+
     wanted = settings.train.backend
     unsloth_installed = importlib.util.find_spec("unsloth") is not None
     if wanted == "hf":
         return "hf", "requested (train.backend: hf)"
+    nproc = world_size()
+    if nproc > 1:  # Unsloth is the single-GPU fast path; several processes go through transformers+peft
+        if wanted == "unsloth":
+            raise FtError(
+                f"train.backend: unsloth trains on one GPU only, but this run has {nproc} processes; "
+                "use train.backend: hf (or auto) under torchrun/accelerate launch"
+            )
+        return "hf", f"auto: {nproc} processes (torchrun/accelerate launch); Unsloth trains on one GPU only"
     if wanted == "unsloth":
         if device != "cuda":
             raise FtError(

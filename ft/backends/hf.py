@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ft.backends import Loaded, weights_info
 from ft.errors import FtError
-from ft.modelref import _not_found, load_tokenizer, resolve_model_path
+from ft.modelref import _not_found, recipe_tokenizer, resolve_model_path
+from ft.train import distributed
 
 
 def resolve_dtype(settings, device: str):
@@ -51,20 +52,25 @@ def _load_base(settings, device: str):
             from transformers import BitsAndBytesConfig
         except ImportError as exc:  # pragma: no cover - bitsandbytes ships in the CUDA image
             raise FtError("model.quantization: nf4 needs bitsandbytes (`pip install ft[gpu]`)") from exc
+        fsdp = distributed.mode(settings) == "fsdp"
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP shards float tensors only and wraps a layer whole only when its dtypes agree, so
+            # FSDP-QLoRA stores the 4-bit weights in the compute dtype (bitsandbytes' FSDP-QLoRA guide).
+            **({"bnb_4bit_quant_storage": dtype} if fsdp else {}),
         )
-        kwargs["device_map"] = {"": 0}
+        if not fsdp:  # FSDP places (and shards) the weights itself
+            kwargs["device_map"] = {"": distributed.local_rank()}  # this rank's GPU (0 for one process)
     path = resolve_model_path(settings.model.name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _not_found(settings.model.name_or_path, exc) from None
-    if quant == "none" and device == "cuda":
-        model.to("cuda")
+    if quant == "none" and device == "cuda" and distributed.mode(settings) != "fsdp":
+        model.to(f"cuda:{distributed.local_rank()}")
     model.config.use_cache = False
     return model, str(dtype).removeprefix("torch."), quant, torch
 
@@ -73,10 +79,13 @@ def load_for_training(settings, device: str) -> Loaded:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model, dtype, quant, _ = _load_base(settings, device)
-    tokenizer = load_tokenizer(
-        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
-    )
-    if quant == "nf4":
+    tokenizer = recipe_tokenizer(settings)
+    if quant == "nf4" and distributed.mode(settings) == "fsdp":
+        # FSDP-QLoRA keeps every weight in the one storage dtype (prepare_model_for_kbit_training would
+        # upcast the norms to fp32), as bitsandbytes' FSDP-QLoRA guide loads it; get_peft_model freezes the base.
+        if settings.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif quant == "nf4":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.train.gradient_checkpointing
         )
@@ -115,9 +124,7 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
     from peft import PeftModel
 
     model, dtype, quant, _ = _load_base(settings, device)
-    tokenizer = load_tokenizer(
-        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
-    )
+    tokenizer = recipe_tokenizer(settings)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
     return Loaded(

@@ -229,7 +229,7 @@ def load_for_training(settings, device: str) -> Loaded:
             "train.backend: unsloth needs a CUDA GPU; use train.backend: hf (or auto) on this machine"
         )
     import_unsloth()
-    from ft.modelref import load_tokenizer
+    from ft.modelref import recipe_tokenizer
 
     fast, model, _ = _from_pretrained(settings, for_training=True)
     lo = settings.lora
@@ -246,9 +246,7 @@ def load_for_training(settings, device: str) -> Loaded:
         loftq_config=None,
     )
     # ft's own tokenizer (pad token, chat template) so the data was encoded exactly as the hf backend would.
-    tokenizer = load_tokenizer(
-        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
-    )
+    tokenizer = recipe_tokenizer(settings)
     trainable, total = model.get_nb_trainable_parameters()
     kernels = fused_kernels(model, settings)
     requested = gradient_checkpointing_mode(settings)
@@ -280,16 +278,14 @@ def load_for_eval(settings, adapter_dir: str | Path, device: str) -> Loaded:
     import_unsloth()
     from peft import PeftModel
 
-    from ft.modelref import load_tokenizer
+    from ft.modelref import recipe_tokenizer
 
     fast, model, _ = _from_pretrained(settings, for_training=False)
     # Base + adapter explicitly (not the adapter directory), so a moved bundle does not depend on the
     # base path recorded inside adapter_config.json.
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     fast.for_inference(model)
-    tokenizer = load_tokenizer(
-        settings.model.name_or_path, settings.model.revision, settings.model.trust_remote_code
-    )
+    tokenizer = recipe_tokenizer(settings)
     quant = "nf4" if _load_4bit(settings) else "none"
     info = {**_versions(), "weights": weights_info(model, settings)}
     return Loaded(model, tokenizer, "unsloth", device, _dtype_name(model), quant, info=info)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,12 @@ def _data_source(entry: dict[str, Any], run_dir: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _data_files(run_dir: Path, given: list[Path] | None) -> list[tuple[str, Path, str]]:
-    """(bundle path, source, expected sha256) per data.json entry, each hash checked before copying."""
+def _data_files(
+    run_dir: Path, given: list[Path] | None, scratch: Path | None = None
+) -> list[tuple[str, Path, str]]:
+    """(bundle path, source, expected sha256) per data.json entry, each hash checked before copying.
+
+    A Hub split is written into `scratch` as canonical JSON Lines (what data.json's sha256 covers)."""
     meta = _read_json(run_dir / "data.json")
     entries = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -148,6 +153,11 @@ def _data_files(run_dir: Path, given: list[Path] | None) -> list[tuple[str, Path
             src = by_hash.pop(expected, None)
             if src is None:
                 raise FtError(f"data.json: {label}: none of the given data files has sha256 {expected[:12]}")
+        elif entry.get("format") == "hf" and scratch is not None:  # a Hub split: its rows, as JSON Lines
+            from ft.data import hub
+
+            src = scratch / f"{i}.jsonl"
+            hub.write_canonical(entry, src)
         else:
             src = _data_source(entry, run_dir)
             if src is None:
@@ -160,7 +170,10 @@ def _data_files(run_dir: Path, given: list[Path] | None) -> list[tuple[str, Path
                     f"{src}: sha256 {actual[:12]} does not match data.json ({expected[:12]}); "
                     "the data changed since training, refusing to bundle it"
                 )
-        name = Path(str(entry.get("name") or src.name).removeprefix("builtin:")).name or src.name
+        if entry.get("format") == "hf":
+            name = f"{entry.get('dataset', 'hub').replace('/', '--')}-{entry.get('split', 'train')}.jsonl"
+        else:
+            name = Path(str(entry.get("name") or src.name).removeprefix("builtin:")).name or src.name
         rel = f"data/{name}" if f"data/{name}" not in used else f"data/{i}-{name}"
         used.add(rel)
         out.append((rel, src, expected))
@@ -226,48 +239,58 @@ def package(
     if sign_key is not None:
         signing.check_private_key(Path(sign_key))
     files = _run_files(run_dir)
-    data = _data_files(run_dir, data_files) if (include_data or data_files) else []
-    ended = _run_end(run, run_dir)
+    with tempfile.TemporaryDirectory(prefix="ft-bundle-rows.") as tmp:
+        scratch = Path(tmp)
+        data = _data_files(run_dir, data_files, scratch) if (include_data or data_files) else []
+        ended = _run_end(run, run_dir)
 
-    with atomic_dir(final) as staging:
-        listed: list[dict[str, Any]] = []
-        for rel, src in files:
-            digest, size = _copy_hashed(src, staging / rel)
-            listed.append({"path": rel, "sha256": digest, "bytes": size})
-        for rel, src, expected in data:
-            digest, size = _copy_hashed(src, staging / rel)
-            if digest != expected:
-                raise FtError(
-                    f"{src}: changed while being bundled (sha256 {digest[:12]}, data.json {expected[:12]})"
-                )
-            listed.append({"path": rel, "sha256": digest, "bytes": size})
-        # The manifest lists the README without its last line, which names the manifest's own digest.
-        body = render_readme(staging, name, report, signed=sign_key is not None).encode("utf-8")
-        listed.append({"path": README, "sha256": identity.digest(body), "bytes": len(body)})
-        manifest = {
-            "format": FORMAT,
-            "created": datetime.fromtimestamp(ended, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "run": name,
-            "files": sorted(listed, key=lambda e: e["path"]),
-            "recipe_sha256": run.get("recipe_sha256") or sha256_file(staging / "recipe.resolved.yaml"),
-            "env_sha256": sha256_file(staging / "env.json"),
-            "data_sha256": run.get("data_sha256"),
-            "data_included": bool(data),
-            "verdict": report["decision"]["verdict"],
-        }
-        raw = identity.canonical(manifest)
-        bundle_id = identity.digest(raw)
-        write_bytes(staging / README, body + identity.readme_line(bundle_id).encode("utf-8"))
-        write_bytes(staging / MANIFEST, raw)  # last: marks the bundle whole
-        if sign_key is not None:
-            signing.sign_file(staging / MANIFEST, Path(sign_key))
-    write_text(sidecar, identity.sidecar_text(bundle_id, name))
-    if archive:
-        write_tar_gz(final, tar_path, root=name, mtime=ended)
-    return final
+        with atomic_dir(final) as staging:
+            listed: list[dict[str, Any]] = []
+            for rel, src in files:
+                digest, size = _copy_hashed(src, staging / rel)
+                listed.append({"path": rel, "sha256": digest, "bytes": size})
+            for rel, src, expected in data:
+                digest, size = _copy_hashed(src, staging / rel)
+                if digest != expected:
+                    raise FtError(
+                        f"{src}: changed while being bundled (sha256 {digest[:12]}, data.json {expected[:12]})"
+                    )
+                listed.append({"path": rel, "sha256": digest, "bytes": size})
+            # The manifest lists the README without its last line, which names the manifest's own digest.
+            body = render_readme(staging, name, report, signed=sign_key is not None).encode("utf-8")
+            listed.append({"path": README, "sha256": identity.digest(body), "bytes": len(body)})
+            manifest = {
+                "format": FORMAT,
+                "created": datetime.fromtimestamp(ended, timezone.utc).isoformat().replace("+00:00", "Z"),
+                "run": name,
+                "files": sorted(listed, key=lambda e: e["path"]),
+                "recipe_sha256": run.get("recipe_sha256") or sha256_file(staging / "recipe.resolved.yaml"),
+                "env_sha256": sha256_file(staging / "env.json"),
+                "data_sha256": run.get("data_sha256"),
+                "data_included": bool(data),
+                "verdict": report["decision"]["verdict"],
+            }
+            raw = identity.canonical(manifest)
+            bundle_id = identity.digest(raw)
+            write_bytes(staging / README, body + identity.readme_line(bundle_id).encode("utf-8"))
+            write_bytes(staging / MANIFEST, raw)  # last: marks the bundle whole
+            if sign_key is not None:
+                signing.sign_file(staging / MANIFEST, Path(sign_key))
+        write_text(sidecar, identity.sidecar_text(bundle_id, name))
+        if archive:
+            write_tar_gz(final, tar_path, root=name, mtime=ended)
+        return final
 
 
 # ---------------------------------------------------------------- README
+
+
+def _nodes_lines(env: Any) -> list[str]:
+    """A run trained by several processes: every node it ran on, from env.json's `distributed`."""
+    from ft.manifest import render_nodes
+
+    dist = env.get("distributed") if isinstance(env, dict) else None
+    return [f"  - {line.split(maxsplit=1)[0]}: {line.split(maxsplit=1)[1]}" for line in render_nodes(dist)]
 
 
 def _fmt(value: Any) -> str:
@@ -325,6 +348,7 @@ def render_readme(bundle: Path, name: str, report: dict[str, Any], *, signed: bo
         "- `adapter/`: the LoRA adapter; `peft.PeftModel.from_pretrained(base_model, 'adapter')` loads it.",
         "- `recipe.resolved.yaml`: every setting the run used; `run.json`: name, status, hashes, backend.",
         "- `env.json`: the environment it ran in; `data.json`: data files, sha256s, row counts, split.",
+        *_nodes_lines(env),
         "- `metrics.jsonl`: per-step training metrics; `eval/`: report, predictions, loss curve; `decision.md`.",
         "- `data/`: the training data (only when sealed with `--include-data`).",
         "- `MANIFEST.json`: sha256 and size of every other file"

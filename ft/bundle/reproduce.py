@@ -320,6 +320,11 @@ def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[
         if f["sha256"] in bundled:
             mapping[f["name"]] = str(bundled[f["sha256"]])
             continue
+        if f.get("format") == "hf":  # read again at the recorded commit; the rows' sha256 is compared after
+            from ft.data.hub import pinned_name
+
+            mapping[f["name"]] = pinned_name(f)
+            continue
         try:
             original = resolve_path(f["name"])
         except FtError:
@@ -332,6 +337,19 @@ def _sealed_data_paths(bundle_dir: Path, data_manifest: dict[str, Any]) -> dict[
                 "missing or changed; ask for a bundle made with --include-data"
             )
     return mapping
+
+
+def _same_rows(sealed: dict[str, Any], now: dict[str, Any]) -> None:
+    """The data read for the rerun must be the sealed data, byte for byte (a Hub split re-read from a
+    cache, a file found at its old path): rerunning on other rows would reproduce nothing."""
+    before = sorted(f["sha256"] for f in sealed.get("files", []))
+    after = sorted(f["sha256"] for f in now.get("files", []))
+    if before != after:
+        changed = [f["name"] for f in now.get("files", []) if f["sha256"] not in before]
+        raise FtError(
+            f"{', '.join(changed) or 'the data'}: the rows read now differ from the sealed data "
+            "(sha256); ask for a bundle made with --include-data"
+        )
 
 
 def reproduce(
@@ -388,6 +406,13 @@ def _reproduce(
     paths = _sealed_data_paths(bundle_dir, data_manifest)
     recipe["data"]["train"] = [paths.get(p, p) for p in recipe["data"]["train"]]
     recipe["data"]["eval"] = [paths.get(p, p) for p in recipe["data"]["eval"]]
+    if template := recipe["data"].get("chat_template"):  # a moved template file: the adapter's sealed copy
+        from ft.data.chat_templates import sealed_file
+
+        sealed = (data_manifest.get("tokenizer") or {}) if isinstance(data_manifest, dict) else {}
+        recipe["data"]["chat_template"] = (
+            sealed_file(template, sealed.get("chat_template_sha256"), bundle_dir, work) or template
+        )
     recipe["output"] = {**recipe.get("output", {}), "dir": str(work / "runs"), "run_name": "rerun"}
     settings = settings_from_dict(recipe, str(bundle_dir / "recipe.resolved.yaml"))
 
@@ -397,6 +422,7 @@ def _reproduce(
         settings
     )  # Unsloth, if it is the backend here, before the data check imports transformers
     prep = pipeline.check_data(settings)
+    _same_rows(data_manifest, prep.check.report)
     run_dir = pipeline.create_run(prep)
     pipeline.train_stage(prep, run_dir, resume=None)
     new_report = pipeline.eval_stage(prep, run_dir)

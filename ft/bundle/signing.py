@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from pathlib import Path
 
 from ft.errors import FtError
@@ -48,10 +47,8 @@ def generate_keypair(private_path: Path, public_path: Path, *, overwrite: bool =
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    write_bytes(private_path, private_pem)  # mkstemp creates the temp file 0600; made explicit below
-    os.chmod(private_path, 0o600)
-    write_bytes(public_path, public_pem)
-    os.chmod(public_path, 0o644)
+    write_bytes(private_path, private_pem, mode=0o600)  # never readable by others, not even for a moment
+    write_bytes(public_path, public_pem, mode=0o644)
     return private_path, public_path
 
 

@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ft.data import hub
+from ft.data.columns import rename, user_field
 from ft.data.files import MAX_LINE_BYTES, DataError, FileInfo, Problems, read_rows
-from ft.data.report import Tallies, Tally, build_report, render_report
-from ft.data.shapes import RowProblem, extract_label, normalise, show
+from ft.data.report import Tallies, Tally, ToolCounts, build_report, render_report
+from ft.data.shapes import RowProblem, extract_label, normalise_row, show
+from ft.data.tools import identity_text, tools_text
 from ft.errors import FtError, located
 from ft.progress import bar
 
@@ -48,13 +51,14 @@ _SPACES = re.compile(r"\s+")
 class Example:
     """One normalised conversation and where it came from."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # {"role", "content"}, plus tool_calls / reasoning_content / tool ids
     source: str  # the file name as the user gave it
     line: int | str  # 1-based line (JSONL) or "[index]" (JSON array)
     shape: str
     label: str | None = None
     tokens: int = 0  # length under the model's tokenizer and chat template (set by check)
     tokens_exact: bool = True  # False: the row is longer than max_seq_length and `tokens` is a lower bound
+    tools: list[dict[str, Any]] | None = None  # the row's function definitions (transformers convention)
 
     @property
     def id(self) -> str:
@@ -99,11 +103,16 @@ def check(
     problems.raise_if_any()
 
     if tokenizer is None:
-        from ft.modelref import load_tokenizer
+        from ft.modelref import recipe_tokenizer
 
-        m = settings.model
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = recipe_tokenizer(settings)  # with data.chat_template applied
     measured = train + held
+    from ft.data.encode import tool_support_problem
+
+    unsupported = tool_support_problem(tokenizer, measured)
+    if unsupported:
+        problems.add(unsupported)
+        problems.raise_if_any()
     _measure(measured, tokenizer, settings.train.max_seq_length, problems)
     problems.raise_if_any()
     lengths = [ex.tokens for ex in measured]
@@ -118,6 +127,7 @@ def check(
         "read": context.rows,
         "shapes": context.shapes,
         "system_prompt_added": context.system_prompt_added,
+        "tools": context.tool_rows.to_dict(),
     }
     report = build_report(settings, tokenizer, context.files, counts, tallies, lengths, train, held)
     # Over-long rows are counted only until they exceed max_seq_length: their counts are lower bounds.
@@ -162,6 +172,7 @@ class _RowContext:
         self.shapes: Counter[str] = Counter()
         self.rows = 0
         self.system_prompt_added = 0
+        self.tool_rows = ToolCounts()
 
     def load(self, paths: list[str], role: str, max_line_bytes: int) -> list[Example]:
         """Examples from every file in `paths` (names kept as the user wrote them)."""
@@ -174,6 +185,9 @@ class _RowContext:
                 self.problems.add(
                     f"data.{role}: {ascii(given)[1:-1]}: the file name is not valid UTF-8; rename the file"
                 )
+                continue
+            if hub.is_hub(given):
+                examples += self._load_hub(hub.HubInfo(role, given))
                 continue
             info = FileInfo(role, given)
             self.files.append(info)
@@ -196,18 +210,33 @@ class _RowContext:
                     progress.update(info.bytes - progress.n)
         return examples
 
+    def _load_hub(self, info: hub.HubInfo) -> list[Example]:
+        """Examples from one split of a Hub dataset, located as `hf:org/name[split]:#index`."""
+        self.files.append(info)
+        examples = []
+        for line, row in hub.read_rows(info, self.problems):
+            example = self.example(row, info.label, line)
+            if example is not None:
+                examples.append(example)
+        return examples
+
     def example(self, row: Any, source: str, line: int | str) -> Example | None:
         self.rows += 1
+        columns = self.d.columns
         try:
-            shape, messages, answer_field = normalise(row, self.d.format)
+            normal = normalise_row(rename(row, columns), self.d.format)
+            shape, messages, answer_field = normal.shape, normal.messages, normal.answer_field
             label = self._label(messages[-1]["content"], answer_field)
         except RowProblem as p:
-            self.problems.add(located(source, line, p.field, p.problem))
+            self.problems.add(located(source, line, user_field(p.field, columns), p.problem))
             return None
         except RecursionError:
             self.problems.add(located(source, line, None, "nested too deeply"))
             return None
-        chars = sum(len(m["content"]) for m in messages)
+        if self.d.reasoning == "drop":
+            for m in messages:
+                m.pop("reasoning_content", None)
+        chars = sum(len(identity_text(m)) for m in messages)
         if chars > self.d.max_row_chars:
             self.problems.add(
                 located(
@@ -223,7 +252,8 @@ class _RowContext:
             messages.insert(0, {"role": "system", "content": self.d.system_prompt})
             self.system_prompt_added += 1
         self.shapes[shape] += 1
-        return Example(messages, source, line, shape, label)
+        self.tool_rows.count(normal.tools, messages)
+        return Example(messages, source, line, shape, label, tools=normal.tools)
 
     def _label(self, answer: str, answer_field: str) -> str | None:
         field_name = self.d.label_field
@@ -259,9 +289,9 @@ def _blake2b() -> Any:
     return hashlib.blake2b
 
 
-def conversation_key(messages: list[dict[str, str]]) -> bytes:
+def conversation_key(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bytes:
     """Identity of a normalised conversation (exact text: a duplicate is the very same conversation)."""
-    return _digest("\x1f".join(f"{m['role']}\x1e{m['content']}" for m in messages))
+    return _digest("\x1f".join(f"{m['role']}\x1e{identity_text(m)}" for m in messages) + tools_text(tools))
 
 
 def prompt_key(messages: list[dict[str, str]]) -> bytes:
@@ -303,7 +333,7 @@ def _apply_duplicates(rows: list[Example], policy: str, tally: Tally, problems: 
     seen: dict[bytes, str] = {}
     kept: list[Example] = []
     for ex in rows:
-        key = conversation_key(ex.messages)
+        key = conversation_key(ex.messages, ex.tools)
         first = seen.get(key)
         if first is None:
             seen[key] = ex.id
@@ -334,7 +364,7 @@ def _measure_batch(batch: list[Example], tokenizer: Any, max_len: int, problems:
     def refused(index: int, exc: Exception) -> None:
         problems.add(f"{batch[index].id}: {template_problem(exc)}")
 
-    texts = render_each(tokenizer, [ex.messages for ex in batch], refused)
+    texts = render_each(tokenizer, [ex.messages for ex in batch], refused, tools=[ex.tools for ex in batch])
     rendered = [(ex, text) for ex, text in zip(batch, texts, strict=True) if text is not None]
     del texts
     measured = bounded_token_lengths(tokenizer, [t for _, t in rendered], max_len)
@@ -429,12 +459,18 @@ def _nothing_fits(where: str, rows: list[Example], max_len: int, policy: str) ->
 def _prompt_fills_window(rows: list[Example], max_len: int, tokenizer: Any) -> list[Example]:
     from ft.data.encode import generation_header, render_chats
 
-    prompts = []
+    prompts, tools = [], []
     for ex in rows:
         first_answer = next(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
         prompts.append(ex.messages[:first_answer])
+        tools.append(ex.tools)
     header = generation_header(tokenizer) if any(not p for p in prompts) else ""
-    asked = render_chats(tokenizer, [p for p in prompts if p], add_generation_prompt=True)
+    asked = render_chats(
+        tokenizer,
+        [p for p in prompts if p],
+        add_generation_prompt=True,
+        tools=[t for p, t in zip(prompts, tools, strict=True) if p],
+    )
     texts = iter(asked)
     lengths = bounded_token_lengths(tokenizer, [next(texts) if p else header for p in prompts], max_len)
     return [ex for ex, (n, _) in zip(rows, lengths, strict=True) if n >= max_len]

@@ -10,6 +10,12 @@ learn to stop) but never the `<|im_start|>assistant\\n` header, which the prompt
 This relies on templates rendering incrementally (each shorter conversation renders to a prefix of
 the longer one). Templates that rewrite earlier turns (e.g. dropping past reasoning) break that; it is
 checked for every row and refused with a clear error rather than mislabelled.
+
+Tool rows render with `apply_chat_template(messages, tools=...)`: an assistant turn's `tool_calls` are
+part of its span, so the loss covers the calls the template writes. `tools` is one argument per call,
+so conversations are rendered in groups that share their tools. Reasoning kept under data.reasoning
+goes to the template as `reasoning_content` when the template renders that key, else it is written
+into the turn's content as `<think>...</think>` (the inline form reasoning models are trained on).
 """
 
 from __future__ import annotations
@@ -23,21 +29,86 @@ from ft.progress import bar
 IGNORE = -100  # the label value PyTorch's cross-entropy skips
 BATCH = 1024  # rows rendered and tokenised per call (the fast tokenizer parallelises inside a batch)
 _SENTINEL = "\x00ft-content\x00"
+_PROBE_TOOL = "ft_probe_tool_7f3a"
+_PROBE_ARG = "ft_probe_argument_7f3a"
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]] | None
 
 
 # -- rendering -----------------------------------------------------------------------------------------
 def render_chats(
-    tokenizer: Any, conversations: Sequence[Messages], *, add_generation_prompt: bool = False
+    tokenizer: Any,
+    conversations: Sequence[Messages],
+    *,
+    add_generation_prompt: bool = False,
+    tools: Sequence[Tools] | None = None,
 ) -> list[str]:
-    """Render many conversations with the tokenizer's chat template in one call."""
+    """Render many conversations with the tokenizer's chat template, one call per distinct `tools`.
+
+    `tools`, when given, holds each conversation's tool definitions (None: no tools)."""
     if not conversations:
         return []
+    from ft.data.tools import tools_text
+
+    conversations = [_for_template(tokenizer, c) for c in conversations]
+    if tools is None or not any(tools):
+        return _render(tokenizer, conversations, add_generation_prompt, None)
+    groups: dict[str, list[int]] = {}
+    for index, row_tools in enumerate(tools):
+        groups.setdefault(tools_text(row_tools), []).append(index)
+    out: list[str] = [""] * len(conversations)
+    for members in groups.values():
+        texts = _render(
+            tokenizer, [conversations[i] for i in members], add_generation_prompt, tools[members[0]]
+        )
+        for i, text in zip(members, texts, strict=True):
+            out[i] = text
+    return out
+
+
+def _render(
+    tokenizer: Any, conversations: list[Messages], add_generation_prompt: bool, tools: Tools
+) -> list[str]:
+    extra = {"tools": tools} if tools else {}
     texts = tokenizer.apply_chat_template(
-        list(conversations), tokenize=False, add_generation_prompt=add_generation_prompt
+        conversations, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
     return list(texts)
+
+
+def _for_template(tokenizer: Any, messages: Messages) -> Messages:
+    """The messages as this template wants them: reasoning inlined unless it reads `reasoning_content`."""
+    if not any("reasoning_content" in m for m in messages) or renders_reasoning(tokenizer):
+        return messages
+    out = []
+    for m in messages:
+        if "reasoning_content" in m:
+            thought = m["reasoning_content"]
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = f"{THINK_OPEN}{thought}{THINK_CLOSE}{m['content']}"
+        out.append(m)
+    return out
+
+
+_REASONING_RENDERED: dict[str, bool] = {}
+
+
+def renders_reasoning(tokenizer: Any) -> bool:
+    """Whether the chat template writes an assistant turn's `reasoning_content` (probed once per template)."""
+    template = str(getattr(tokenizer, "chat_template", None))
+    if template not in _REASONING_RENDERED:
+        probe = [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y", "reasoning_content": _PROBE_ARG},
+        ]
+        try:
+            text = _render(tokenizer, [probe], False, None)[0]
+        except Exception:  # noqa: BLE001 - a template that chokes on the key does not render it
+            text = ""
+        _REASONING_RENDERED[template] = _PROBE_ARG in text
+    return _REASONING_RENDERED[template]
 
 
 def render_each(
@@ -46,25 +117,75 @@ def render_each(
     on_error: Callable[[int, Exception], None],
     *,
     add_generation_prompt: bool = False,
+    tools: Sequence[Tools] | None = None,
 ) -> list[str | None]:
     """Like `render_chats`, but a conversation the template rejects becomes None (reported via `on_error`).
 
     The batch is tried first; only when the template raises is it retried row by row to find the culprits.
     """
     try:
-        return list(render_chats(tokenizer, conversations, add_generation_prompt=add_generation_prompt))
+        return list(
+            render_chats(tokenizer, conversations, add_generation_prompt=add_generation_prompt, tools=tools)
+        )
     except Exception:  # noqa: BLE001 - templates raise anything (TemplateError, ValueError, TypeError ...)
         pass
     out: list[str | None] = []
     for index, conversation in enumerate(conversations):
+        one = None if tools is None else [tools[index]]
         try:
             out.append(
-                render_chats(tokenizer, [conversation], add_generation_prompt=add_generation_prompt)[0]
+                render_chats(
+                    tokenizer, [conversation], add_generation_prompt=add_generation_prompt, tools=one
+                )[0]
             )
         except Exception as exc:  # noqa: BLE001
             on_error(index, exc)
             out.append(None)
     return out
+
+
+def tool_support_problem(tokenizer: Any, examples: Sequence[Any]) -> str | None:
+    """One line when rows have tools or tool calls that the chat template would silently drop (or refuses).
+
+    The template is asked to render a probe function and a call to it; a template without tool support
+    ignores both (the rendered text lacks them) or raises."""
+    from ft.data.tools import has_tool_calls
+
+    with_tools = next((ex for ex in examples if getattr(ex, "tools", None)), None)
+    with_calls = next((ex for ex in examples if has_tool_calls(ex.messages)), None)
+    if with_tools is None and with_calls is None:
+        return None
+    tool = {
+        "type": "function",
+        "function": {
+            "name": _PROBE_TOOL,
+            "description": "probe",
+            "parameters": {"type": "object", "properties": {_PROBE_ARG: {"type": "integer"}}},
+        },
+    }
+    call = {"type": "function", "function": {"name": _PROBE_TOOL, "arguments": {_PROBE_ARG: 1}}}
+    checks = []
+    if with_tools is not None:
+        checks.append((with_tools, "tools", [{"role": "user", "content": "x"}], _PROBE_TOOL))
+    if with_calls is not None:
+        asked = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        checks.append((with_calls, "tool_calls", asked, _PROBE_ARG))
+    for example, what, probe, sentinel in checks:
+        try:
+            text = _render(tokenizer, [probe], False, [tool])[0]
+        except Exception as exc:  # noqa: BLE001 - templates raise anything
+            lines = str(exc).strip().splitlines()
+            how = f"it fails on them: {lines[0] if lines else type(exc).__name__}"
+        else:
+            if sentinel in text:
+                continue
+            how = f"it ignores `{what}`, so the calls would be dropped from the training text"
+        count = sum(1 for ex in examples if getattr(ex, "tools", None) or has_tool_calls(ex.messages))
+        return (
+            f"{example.id}: this row and {count - 1} more have tools or tool calls, but the model's chat "
+            f"template has no tool support ({how}); use a model (or chat template) that renders tools"
+        )
+    return None
 
 
 def template_problem(exc: Exception) -> str:
@@ -79,7 +200,7 @@ def generation_header(tokenizer: Any) -> str:
     `apply_chat_template` refuses an empty conversation, so render a lone assistant turn around a
     sentinel and keep what comes before it.
     """
-    text = render_chats(tokenizer, [[{"role": "assistant", "content": _SENTINEL}]])[0]
+    text = _render(tokenizer, [[{"role": "assistant", "content": _SENTINEL}]], False, None)[0]
     cut = text.find(_SENTINEL)
     if cut < 0:
         raise FtError(
@@ -98,10 +219,13 @@ def token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
 
 # -- assistant spans -----------------------------------------------------------------------------------
 def _not_incremental(example: Any, turn: int) -> FtError:
+    reasoning = any("reasoning_content" in m for m in example.messages)
     return FtError(
         f"{example.id}: the chat template does not render conversations incrementally (the text before "
         f"assistant turn messages[{turn}] changes once later turns are added), so assistant tokens cannot be "
-        "located; set train.assistant_only_loss=false or use a model whose template renders turn by turn"
+        "located; set train.assistant_only_loss=false"
+        + (" or data.reasoning=drop (templates often drop past turns' reasoning)" if reasoning else "")
+        + " or use a model whose template renders turn by turn"
     )
 
 
@@ -111,6 +235,7 @@ def assistant_spans(
     """Character spans `[start, end)` of every assistant turn in each rendered conversation."""
     starts: list[tuple[int, int, Messages]] = []  # (row, turn, messages before the turn)
     ends: list[tuple[int, int, Messages]] = []  # (row, turn, messages up to and including the turn)
+    row_tools = [getattr(ex, "tools", None) for ex in examples]
     for row, example in enumerate(examples):
         messages = example.messages
         last = len(messages) - 1
@@ -121,8 +246,13 @@ def assistant_spans(
                 starts.append((row, turn, messages[:turn]))
             if turn != last:
                 ends.append((row, turn, messages[: turn + 1]))
-    start_texts = render_chats(tokenizer, [m for _, _, m in starts], add_generation_prompt=True)
-    end_texts = render_chats(tokenizer, [m for _, _, m in ends])
+    start_texts = render_chats(
+        tokenizer,
+        [m for _, _, m in starts],
+        add_generation_prompt=True,
+        tools=[row_tools[row] for row, _, _ in starts],
+    )
+    end_texts = render_chats(tokenizer, [m for _, _, m in ends], tools=[row_tools[row] for row, _, _ in ends])
     opens_with_answer = any(ex.messages[0]["role"] == "assistant" for ex in examples)  # text rows
     header = generation_header(tokenizer) if opens_with_answer else ""
 
@@ -185,7 +315,9 @@ def encode(
     with bar(len(examples), "encode", "row") as progress:
         for lo in range(0, len(examples), BATCH):
             batch = examples[lo : lo + BATCH]
-            fulls = render_chats(tokenizer, [ex.messages for ex in batch])
+            fulls = render_chats(
+                tokenizer, [ex.messages for ex in batch], tools=[getattr(ex, "tools", None) for ex in batch]
+            )
             spans = assistant_spans(tokenizer, batch, fulls) if assistant_only else None
             enc = _tokenize_with_offsets(tokenizer, fulls, want_offsets=assistant_only)
             for k, example in enumerate(batch):
@@ -235,13 +367,26 @@ def _fit(
 
 
 def prompt_and_reference(example: Any, tokenizer: Any) -> tuple[str, str]:
-    """The eval prompt (every turn before the final answer, plus the generation prompt) and that answer."""
+    """The eval prompt (every turn before the final answer, with the row's tools, plus the generation
+    prompt) and that answer.
+
+    An answer that calls tools is given as the template writes it (the rendered turn, decoded without
+    special tokens, as a generated answer is), so exact match and token F1 compare like with like; the
+    calls themselves are scored as parsed JSON (ft.eval.metrics.tool_call_scores)."""
     messages = example.messages
+    tools = getattr(example, "tools", None)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     before = messages[:last]
     prompt = (
-        render_chats(tokenizer, [before], add_generation_prompt=True)[0]
+        render_chats(tokenizer, [before], add_generation_prompt=True, tools=[tools])[0]
         if before
         else generation_header(tokenizer)
     )
-    return prompt, messages[last]["content"]
+    answer = messages[last]
+    if not answer.get("tool_calls"):
+        return prompt, answer["content"]
+    full = render_chats(tokenizer, [messages[: last + 1]], tools=[tools])[0]
+    if not full.startswith(prompt):
+        raise _not_incremental(example, last)
+    ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    return prompt, tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -40,6 +40,31 @@ class Tallies:
     )  # dropped under truncate: no room for the answer
 
 
+@dataclass
+class ToolCounts:
+    """Rows that define tools, rows whose assistant calls tools (and how many calls), rows with reasoning."""
+
+    with_tools: int = 0
+    with_tool_calls: int = 0
+    tool_calls: int = 0
+    with_reasoning: int = 0
+
+    def count(self, tools: list[Any] | None, messages: list[dict[str, Any]]) -> None:
+        calls = sum(len(m.get("tool_calls") or ()) for m in messages)
+        self.with_tools += bool(tools)
+        self.with_tool_calls += bool(calls)
+        self.tool_calls += calls
+        self.with_reasoning += any("reasoning_content" in m for m in messages)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "rows_with_tools": self.with_tools,
+            "rows_with_tool_calls": self.with_tool_calls,
+            "tool_calls": self.tool_calls,
+            "rows_with_reasoning": self.with_reasoning,
+        }
+
+
 def build_report(
     settings: Any,
     tokenizer: Any,
@@ -76,6 +101,10 @@ def build_report(
         "rows": {"read": counts["read"], "train": len(train), "eval": len(held)},
         "shapes": dict(counts["shapes"].most_common()),
         "system_prompt_added": counts["system_prompt_added"],
+        "tools": {
+            **counts.get("tools", ToolCounts().to_dict()),
+            "reasoning_policy": getattr(d, "reasoning", "keep"),
+        },
         "duplicates": {"policy": d.duplicates, **tallies.duplicates.to_dict()},
         "dropped": {
             "duplicate": dropped_duplicates.to_dict(),
@@ -111,17 +140,26 @@ def label_report(d: Any, train: list[Any], held: list[Any]) -> dict[str, Any] | 
 
 def tokenizer_facts(settings: Any, tokenizer: Any) -> dict[str, Any]:
     """Enough to tell whether two checks measured with the same tokenizer and chat template."""
-    import hashlib
+    from ft.data import chat_templates
 
-    template = getattr(tokenizer, "chat_template", None)
-    digest = hashlib.sha256(str(template).encode("utf-8")).hexdigest() if template else None
+    template = chat_templates.facts(tokenizer, getattr(settings.data, "chat_template", None))
     return {
         "name": settings.model.name_or_path,
         "revision": settings.model.revision,
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
-        "chat_template_sha256": digest,
+        "chat_template_sha256": template["sha256"],
+        "chat_template": template,  # data.chat_template: source (tokenizer/named/file), name, sha256, EOS
     }
+
+
+def _template_line(t: dict[str, Any]) -> str:
+    which = {
+        "tokenizer": "the tokenizer's own",
+        "named": f"built-in {t['name']}",
+        "file": f"file {t['name']}",
+    }
+    return f"{which.get(t['source'], t['source'])} (data.chat_template), sha256 {(t['sha256'] or '-')[:12]}"
 
 
 def token_stats(lengths: list[int]) -> dict[str, Any]:
@@ -191,6 +229,11 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(
             f"  {f['name']:{width}}  {f['role']:6}  {f['rows']:>7}  {_size(f['bytes']):>9}  {f['sha256'][:12]}"
         )
+        if f.get("source") == "huggingface-hub":  # size and sha256 are those of the rows as JSON Lines
+            revision = (f.get("revision") or "unknown")[:12]
+            lines.append(
+                f"  {'':{width}}  Hub split {f['split']}, revision {revision}, fingerprint {f['fingerprint']}"
+            )
     lines.append("")
     tok, t = report["tokenizer"], report["tokens"]
     too_long, dup, leak = report["too_long"], report["duplicates"], report["leakage"]
@@ -198,6 +241,7 @@ def render_report(report: dict[str, Any]) -> str:
     table = [
         ("shapes", _counts(report["shapes"])),
         ("tokenizer", f"{tok['name']} ({tok['class']}, vocab {tok['vocab_size']})"),
+        *([("template", _template_line(tok["chat_template"]))] if tok.get("chat_template") else []),
         (
             "tokens",
             f"min {t['min']}  mean {t['mean']}  p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  "
@@ -216,6 +260,22 @@ def render_report(report: dict[str, Any]) -> str:
             _first(leak) if leak["checked"] else "none (the seeded split keeps each prompt on one side)",
         ),
     ]
+    tools = report.get("tools") or {}
+    if tools.get("rows_with_tools") or tools.get("rows_with_tool_calls"):
+        table.append(
+            (
+                "tools",
+                f"{tools['rows_with_tools']} rows define tools; "
+                f"{tools['rows_with_tool_calls']} rows call them ({tools['tool_calls']} calls)",
+            )
+        )
+    if tools.get("rows_with_reasoning"):
+        table.append(
+            (
+                "reasoning",
+                f"{tools['rows_with_reasoning']} rows (data.reasoning: {tools.get('reasoning_policy')})",
+            )
+        )
     if report.get("system_prompt_added"):
         table.append(("system", f"data.system_prompt added to {report['system_prompt_added']} rows"))
     labels = report.get("labels")

@@ -1,10 +1,16 @@
 """Row shapes: detect them, normalise them to chat messages, and validate the conversation.
 
-Every shape becomes a list of `{"role", "content"}` messages, the one form the rest of ft knows:
+Every shape becomes a list of `{"role", "content"}` messages, the one form the rest of ft knows, plus
+the transformers convention's extras where a row has them (ft.data.tools): a row's `tools`, an assistant
+turn's `tool_calls` and `reasoning_content`, a tool turn's `tool_call_id` and `name`. Content may be
+given as a list of text parts (joined in order).
 
-- `messages`          chat rows, roles system/user/assistant/tool (OpenAI / TRL conversational).
+- `messages`          chat rows, roles system/user/assistant/tool (OpenAI / TRL conversational), with an
+                      optional `tools` list and structured `tool_calls`.
 - `sharegpt`          `conversations` of `{"from", "value"}`; human->user, gpt->assistant,
-                      function_call->assistant, observation->tool.
+                      function_call->assistant (its value a JSON `{"name", "arguments"}` call, or an
+                      array of them, as LLaMA-Factory writes it; a value that is not JSON at all is
+                      kept as plain text), observation->tool; optional `system` and `tools` columns.
 - `alpaca`            instruction (+ input) -> user, output -> assistant; optional `system` and
                       `history` ([[user, assistant], ...] turns that came before).
 - `prompt_completion` prompt -> user, completion -> assistant (each may also be a list of messages).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -33,7 +40,8 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 SHAPES = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-Messages = list[dict[str, str]]
+_WITH_TOOLS = ("messages", "sharegpt", "prompt_completion")  # the shapes whose rows may carry `tools`
+Messages = list[dict[str, Any]]
 FieldName = Callable[[int, str], str]  # (message index, "role" | "content") -> field path for errors
 
 
@@ -92,14 +100,35 @@ def detect_shape(row: dict[str, Any]) -> str:
     )
 
 
+@dataclass(slots=True)
+class Row:
+    """One normalised row: its shape, its messages, where its final answer is, and its tools (or None)."""
+
+    shape: str
+    messages: Messages
+    answer_field: str
+    tools: list[dict[str, Any]] | None = None
+
+
 def normalise(row: Any, shape: str) -> tuple[str, Messages, str]:
     """(shape, messages, field of the final answer) for one row; `shape` may be `auto`. Or a RowProblem."""
+    r = normalise_row(row, shape)
+    return r.shape, r.messages, r.answer_field
+
+
+def normalise_row(row: Any, shape: str) -> Row:
+    """The normalised row, tools included; `shape` may be `auto`. Or a RowProblem."""
     if not isinstance(row, dict):
         raise RowProblem(None, f"expected a JSON object, got {kind(row)}")
     if shape == "auto":
         shape = detect_shape(row)
-    messages, answer_field = NORMALISERS[shape](row)
-    return shape, messages, answer_field
+    tools = None
+    if shape in _WITH_TOOLS and "tools" in row:
+        from ft.data.tools import read_tools
+
+        tools = read_tools(row["tools"])
+    messages, answer_field = NORMALISERS[shape](row, tools)
+    return Row(shape, messages, answer_field, tools)
 
 
 # -- field helpers -------------------------------------------------------------------------------------
@@ -123,45 +152,104 @@ def _require_key(row: dict[str, Any], key: str, shape: str) -> Any:
 
 
 # -- shapes --------------------------------------------------------------------------------------------
-def _message_list(turns: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Messages:
+def _message_list(
+    turns: Any,
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    tools: list[dict[str, Any]] | None = None,
+) -> Messages:
     """Read a list of message objects whose role lives in `role_key` (mapped through `roles`)."""
     if not isinstance(turns, list):
         raise RowProblem(key, f"expected an array of messages, got {kind(turns)}")
     if not turns:
         raise RowProblem(key, "empty conversation")
+    names = None if tools is None else [t["function"]["name"] for t in tools]
     messages = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise RowProblem(where, f"expected an object with {role_key} and {content_key}, got {kind(turn)}")
-        role = _string(turn, role_key, f"{where}.{role_key}")
-        if role not in roles:
-            raise RowProblem(f"{where}.{role_key}", f"{show(role)} is not one of {', '.join(roles)}")
-        content = _string(turn, content_key, f"{where}.{content_key}")
-        messages.append({"role": roles[role], "content": content})
+        given = _string(turn, role_key, f"{where}.{role_key}")
+        if given not in roles:
+            raise RowProblem(f"{where}.{role_key}", f"{show(given)} is not one of {', '.join(roles)}")
+        messages.append(_message(turn, given, roles[given], where, content_key, names))
     return messages
+
+
+def _message(
+    turn: dict[str, Any], given: str, role: str, where: str, content_key: str, names: list[str] | None
+) -> dict[str, Any]:
+    """One message in the transformers convention (tool calls, reasoning and parts read by ft.data.tools)."""
+    content = turn.get(content_key)
+    if len(turn) == 2 and type(content) is str and given != "function_call":
+        return {"role": role, "content": content}  # the common case, kept fast for large data sets
+    from ft.data import tools as t
+
+    at = f"{where}.{content_key}"
+    if given == "function_call":
+        value = _string(turn, content_key, at)
+        if value.lstrip()[:1] in ("{", "["):  # LLaMA-Factory's JSON call; other text stays plain text
+            return {"role": role, "content": "", "tool_calls": t.read_function_call_value(value, at, names)}
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise RowProblem(f"{where}.tool_calls", f"only assistant turns call tools, not {role}")
+    calling = calls is not None and calls != []
+    if content_key not in turn and not calling:
+        raise RowProblem(at, "missing")
+    content, thought = t.read_content(turn.get(content_key), at, allow_empty=calling)
+    message: dict[str, Any] = {"role": role, "content": content}
+    reasoning = t.read_reasoning(turn, where)
+    if thought is not None:
+        reasoning = thought if reasoning is None else reasoning + thought
+    if reasoning is not None:
+        if role != "assistant":
+            raise RowProblem(where, f"reasoning is only read in assistant turns, not {role}")
+        message["reasoning_content"] = reasoning
+    if calling:
+        message["tool_calls"] = t.read_tool_calls(calls, f"{where}.tool_calls", names)
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if turn.get(key) is not None:
+                message[key] = _string(turn, key, f"{where}.{key}")
+    return message
 
 
 _CHAT_ROLES = {r: r for r in ROLES}
 
 
-def _from_messages(row: dict[str, Any]) -> tuple[Messages, str]:
+def _from_messages(row: dict[str, Any], tools: Any = None) -> tuple[Messages, str]:
     messages = _message_list(
-        _require_key(row, "messages", "messages"), "messages", "role", "content", _CHAT_ROLES
+        _require_key(row, "messages", "messages"), "messages", "role", "content", _CHAT_ROLES, tools
     )
     check_turns(messages, lambda i, attr: f"messages[{i}].{attr}")
-    return messages, f"messages[{len(messages) - 1}].content"
+    return messages, _answer_field(messages, lambda i, attr: f"messages[{i}].{attr}")
 
 
-def _from_sharegpt(row: dict[str, Any]) -> tuple[Messages, str]:
+def _answer_field(messages: Messages, name: FieldName) -> str:
+    last = len(messages) - 1
+    return name(last, "tool_calls" if messages[last].get("tool_calls") else "content")
+
+
+def _from_sharegpt(row: dict[str, Any], tools: Any = None) -> tuple[Messages, str]:
     turns = _require_key(row, "conversations", "sharegpt")
-    messages = _message_list(turns, "conversations", "from", "value", SHAREGPT_ROLES)
-    attrs = {"role": "from", "content": "value"}
-    check_turns(messages, lambda i, attr: f"conversations[{i}].{attrs[attr]}")
-    return messages, f"conversations[{len(messages) - 1}].value"
+    messages = _message_list(turns, "conversations", "from", "value", SHAREGPT_ROLES, tools)
+    attrs = {"role": "from", "content": "value", "tool_calls": "value"}
+    system = _string(row, "system", "system", required=False)
+    offset = 0
+    if system and messages[0]["role"] != "system":  # LLaMA-Factory's `system` column
+        messages.insert(0, {"role": "system", "content": system})
+        offset = 1
+
+    def name(i: int, attr: str) -> str:
+        return "system" if i < offset else f"conversations[{i - offset}].{attrs[attr]}"
+
+    check_turns(messages, name)
+    return messages, name(len(messages) - 1, "content")
 
 
-def _from_alpaca(row: dict[str, Any]) -> tuple[Messages, str]:
+def _from_alpaca(row: dict[str, Any], tools: Any = None) -> tuple[Messages, str]:
     instruction = _string(row, "instruction", "instruction")
     extra = _string(row, "input", "input", required=False)
     output = _string(row, "output", "output")
@@ -192,7 +280,7 @@ def _alpaca_history(history: Any) -> Messages:
     return messages
 
 
-def _from_prompt_completion(row: dict[str, Any]) -> tuple[Messages, str]:
+def _from_prompt_completion(row: dict[str, Any], tools: Any = None) -> tuple[Messages, str]:
     prompt = _require_key(row, "prompt", "prompt/completion")
     completion = _require_key(row, "completion", "prompt/completion")
     if isinstance(prompt, str) and isinstance(completion, str):
@@ -210,8 +298,8 @@ def _from_prompt_completion(row: dict[str, Any]) -> tuple[Messages, str]:
             raise RowProblem(
                 key, "a string, but the other side is an array of messages; use the same form for both"
             )
-    head = _message_list(prompt, "prompt", "role", "content", _CHAT_ROLES)
-    tail = _message_list(completion, "completion", "role", "content", _CHAT_ROLES)
+    head = _message_list(prompt, "prompt", "role", "content", _CHAT_ROLES, tools)
+    tail = _message_list(completion, "completion", "role", "content", _CHAT_ROLES, tools)
     split = len(head)
 
     def name(i: int, attr: str) -> str:
@@ -219,17 +307,17 @@ def _from_prompt_completion(row: dict[str, Any]) -> tuple[Messages, str]:
 
     messages = head + tail
     check_turns(messages, name)
-    return messages, name(len(messages) - 1, "content")
+    return messages, _answer_field(messages, name)
 
 
-def _from_text(row: dict[str, Any]) -> tuple[Messages, str]:
+def _from_text(row: dict[str, Any], tools: Any = None) -> tuple[Messages, str]:
     text = _string(row, "text", "text")
     if not text.strip():
         raise RowProblem("text", "empty text")
     return [{"role": "assistant", "content": text}], "text"
 
 
-NORMALISERS: dict[str, Callable[[dict[str, Any]], tuple[Messages, str]]] = {
+NORMALISERS: dict[str, Callable[[dict[str, Any], Any], tuple[Messages, str]]] = {
     "messages": _from_messages,
     "sharegpt": _from_sharegpt,
     "alpaca": _from_alpaca,
@@ -249,7 +337,9 @@ _NEXT = {
 
 
 def check_turns(messages: Messages, name: FieldName) -> None:
-    """System only first, user/assistant alternating, tools after the assistant, ending on the assistant."""
+    """System only first, user/assistant alternating, tools after the assistant, ending on the assistant.
+
+    An assistant turn may be empty only when it calls tools."""
     previous: str | None = None
     for i, message in enumerate(messages):
         role = message["role"]
@@ -257,7 +347,7 @@ def check_turns(messages: Messages, name: FieldName) -> None:
             raise RowProblem(name(i, "role"), "a system turn is only allowed first")
         if role != "system" and role not in _NEXT[previous]:
             raise RowProblem(name(i, "role"), _order_problem(previous, role))
-        if role == "assistant" and not message["content"].strip():
+        if role == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise RowProblem(name(i, "content"), "empty assistant turn")
         previous = role
     if previous != "assistant":

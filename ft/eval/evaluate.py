@@ -181,6 +181,7 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
     """Generate for base and tuned on `examples`, score both and decide."""
     from ft import backends
     from ft.data.encode import encode, prompt_and_reference
+    from ft.data.tools import reference_calls
 
     if not examples:
         raise FtError("eval: no held-out rows to evaluate; add data.eval files or raise data.eval_fraction")
@@ -213,8 +214,9 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
     label_field = settings.data.label_field
     predictions, base_scores, tuned_scores = [], [], []
     for ex, prompt, ref, b, t in zip(examples, prompts, refs, base_out, tuned_out, strict=True):
-        bs = score(b, ref, validator=validator, label_field=label_field)
-        ts = score(t, ref, validator=validator, label_field=label_field)
+        calls = reference_calls(ex.messages[-1])  # a tool-call answer is also scored as calls
+        bs = score(b, ref, validator=validator, label_field=label_field, ref_calls=calls)
+        ts = score(t, ref, validator=validator, label_field=label_field, ref_calls=calls)
         base_scores.append(bs)
         tuned_scores.append(ts)
         predictions.append(
@@ -226,6 +228,7 @@ def evaluate(settings, adapter_dir: Path, examples: list, *, device: str, backen
                 "tuned": t,
                 "base_scores": bs,
                 "tuned_scores": ts,
+                **({"reference_calls": calls} if calls else {}),
             }
         )
     base_avg, tuned_avg = average(base_scores), average(tuned_scores)

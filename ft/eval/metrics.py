@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft.config import LOWER_IS_BETTER
+from ft.eval.format_checks import headings_match
 
 _WS = re.compile(r"\s+")
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# Hermes / Qwen2.5 / ChatML tool templates wrap each call; an answer cut off at max_new_tokens may lack the
+# closing tag.
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 def normalise(text: str) -> str:
@@ -58,7 +62,68 @@ def label_of(parsed: Any, text: str, label_field: str) -> str | None:
     return None
 
 
-def score(pred: str, ref: str, *, validator=None, label_field: str | None = None) -> dict[str, float]:
+def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The `{"name", "arguments"}` calls in a generated answer, or None when it holds no readable call.
+
+    Read from `<tool_call>{...}</tool_call>` blocks (Qwen2.5, Hermes and other ChatML tool templates),
+    else from the whole answer as a bare JSON call: `{"name", "arguments"}` (or `"parameters"`, Llama
+    3.1's key), OpenAI's `{"type": "function", "function": {...}}`, or an array of calls. Arguments given
+    as a JSON string are parsed. One unreadable block makes the answer unreadable: a half-right set of
+    calls is not a right one."""
+    blocks = _TOOL_CALL.findall(text)
+    calls: list[dict[str, Any]] = []
+    for block in blocks or [text]:
+        parsed = parse_json(block)
+        items = parsed if isinstance(parsed, list) else [parsed]
+        for item in items:
+            call = _as_call(item)
+            if call is None:
+                return None
+            calls.append(call)
+    return calls or None
+
+
+def _as_call(item: Any) -> dict[str, Any] | None:
+    if isinstance(item, dict) and isinstance(item.get("function"), dict):
+        item = item["function"]
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    args = item.get("arguments", item.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"name": item["name"], "arguments": args}
+
+
+def _canonical(call: dict[str, Any]) -> str:
+    return json.dumps(call, sort_keys=True, ensure_ascii=False)
+
+
+def tool_call_scores(pred: str, ref_calls: list[dict[str, Any]]) -> dict[str, float]:
+    """`tool_call_exact`: the answer makes the reference's calls (names exact, arguments equal as parsed
+    JSON; parallel calls in any order); `tool_name_match`: it calls the same functions, whatever the
+    arguments."""
+    calls = parse_tool_calls(pred) or []
+    names = sorted(c["name"] for c in calls)
+    return {
+        "tool_call_exact": float(sorted(map(_canonical, calls)) == sorted(map(_canonical, ref_calls))),
+        "tool_name_match": float(names == sorted(c["name"] for c in ref_calls)),
+    }
+
+
+def score(
+    pred: str,
+    ref: str,
+    *,
+    validator=None,
+    label_field: str | None = None,
+    ref_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """The scores of one answer; `ref_calls` (the reference's tool calls) adds the tool-call metrics."""
     parsed = parse_json(pred)
     scores = {
         "exact_match": exact_match(pred, ref),
@@ -72,14 +137,23 @@ def score(pred: str, ref: str, *, validator=None, label_field: str | None = None
         scores["label_accuracy"] = float(
             ref_label is not None and label_of(parsed, pred, label_field) == ref_label
         )
+    if ref_calls:
+        scores.update(tool_call_scores(pred, ref_calls))
+    outline = headings_match(pred, ref)  # only where the reference is a Markdown document with headings
+    if outline is not None:
+        scores["headings_match"] = outline
     return scores
 
 
 def average(rows: list[dict[str, float]]) -> dict[str, float]:
-    if not rows:
-        return {}
-    keys = rows[0].keys()
-    return {k: round(sum(r[k] for r in rows) / len(rows), 6) for k in keys}
+    """Mean of each metric over the rows that have it (tool-call metrics exist only where the reference
+    is a tool call)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = {}
+    for k in keys:
+        values = [r[k] for r in rows if k in r]
+        out[k] = round(sum(values) / len(values), 6)
+    return out
 
 
 @dataclass

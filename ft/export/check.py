@@ -30,6 +30,8 @@ class Reference:
     references: list[str]
     answers: list[str]  # the adapter's (eval "tuned") answers
     metrics: dict[str, float]
+    # Per prompt, the reference's tool calls (None for a plain answer): an export is scored on calls too.
+    calls: list[list[dict] | None] | None = None
 
 
 def load_reference(bundle_dir: Path) -> Reference:
@@ -44,6 +46,7 @@ def load_reference(bundle_dir: Path) -> Reference:
         references=[r["reference"] for r in rows],
         answers=[r["tuned"] for r in rows],
         metrics=average([r["tuned_scores"] for r in rows]),
+        calls=[r.get("reference_calls") for r in rows],
     )
 
 
@@ -58,9 +61,10 @@ def score_answers(settings, ref: Reference, answers: list[str]) -> dict[str, flo
     from ft.eval.evaluate import load_schema_validator
 
     validator, _ = load_schema_validator(settings.eval.json_schema)
+    calls = ref.calls or [None] * len(answers)
     rows = [
-        score(a, r, validator=validator, label_field=settings.data.label_field)
-        for a, r in zip(answers, ref.references, strict=True)
+        score(a, r, validator=validator, label_field=settings.data.label_field, ref_calls=c)
+        for a, r, c in zip(answers, ref.references, calls, strict=True)
     ]
     return average(rows)
 

@@ -23,7 +23,7 @@ def load_adapter_model(settings, adapter_dir: Path, dtype: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ft.modelref import load_tokenizer, resolve_model_path
+    from ft.modelref import adapter_tokenizer, resolve_model_path
 
     m = settings.model
     base = AutoModelForCausalLM.from_pretrained(
@@ -34,7 +34,8 @@ def load_adapter_model(settings, adapter_dir: Path, dtype: str):
     )
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
-    return model, load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    # The tokenizer the adapter was trained and saved with: its chat template goes into every export.
+    return model, adapter_tokenizer(settings, adapter_dir)
 
 
 def merge(settings, adapter_dir: Path, out_dir: Path, *, logit_prompts: list[str] = ()) -> dict:

@@ -19,6 +19,9 @@ METRIC_LABELS = {
     "json_valid": "valid JSON",
     "schema_valid": "schema-valid",
     "label_accuracy": "label accuracy",
+    "tool_call_exact": "tool call exact",
+    "tool_name_match": "tool name match",
+    "headings_match": "headings match",
     "eval_loss": "eval loss (lower is better)",
 }
 

@@ -96,6 +96,7 @@ from ft.sizing.throughput import (  # noqa: F401 - re-exported: ft.sizing is the
     flops_per_token,
     mfu,
     model_flops_per_token,
+    stated_data,
 )
 
 
@@ -136,6 +137,7 @@ class SizeReport:
     eta: dict[str, Any]
     probe: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
+    ranks: Any = None  # ft.sizing.ranks.RanksReport when sized for several processes (--nproc)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +155,7 @@ class SizeReport:
             "eta": self.eta,
             "probe": self.probe,
             "eval": self.eval,
+            "ranks": self.ranks.to_dict() if self.ranks else None,
         }
 
     def render(self) -> str:
@@ -211,6 +214,12 @@ class SizeReport:
                 out.append("  the ETA uses the tokens/s measured by --probe")
         elif eta.get("why"):
             out.append(f"time: not estimated ({eta['why']})")
+        if eta.get("packing"):  # train.packing: memory above is already each sequence at max_seq_length
+            pk = eta["packing"]
+            out.append(
+                f"packing: {pk['sequences']:,.0f} sequences an epoch of up to {self.estimate.inputs['seq_len']} "
+                f"tokens, {pk['tokens_per_sequence']:.0f} real tokens each ({pk['source']})"
+            )
         if self.probe:
             p = self.probe
             err = (e.peak_allocated_bytes - p["peak_allocated_bytes"]) / p["peak_allocated_bytes"]
@@ -219,6 +228,8 @@ class SizeReport:
                 f"{p['peak_allocated_bytes'] / GIB:.2f} GiB vs predicted {e.peak_allocated_bytes / GIB:.2f} GiB "
                 f"({err:+.1%}), {p['tokens_per_s']:.0f} tokens/s"
             )
+        if self.ranks:
+            out += ["", self.ranks.render()]
         return "\n".join(out)
 
 
@@ -249,11 +260,17 @@ def size_report(
     data_stats: dict | None = None,
     probe_result: dict | None = None,
     backend: tuple[str, str] | None = None,
+    nproc: int | None = None,
+    nodes: int = 1,
+    distributed: str | None = None,
+    interconnect: str | None = None,
 ) -> SizeReport:
     """Predict the recipe's peak memory against a GPU (named, an amount, or the one present).
 
     backend: (name, reason) of the backend training will use, when the caller already chose it; else
     it is resolved the way `backend: auto` would resolve on a CUDA machine (`resolve_backend`).
+    nproc (processes per node), nodes, distributed (ddp | fsdp; default train.distributed, `none` = ddp),
+    interconnect: also predict each rank's memory and the wall time on nproc x nodes GPUs (ft.sizing.ranks).
     """
     from ft.sizing import gpus
 
@@ -263,6 +280,11 @@ def size_report(
     m, t = settings.model, settings.train
     shape = load_shape(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     backend, reason = backend or resolve_backend(settings, shape, device)
+    world = (nproc or 1) * nodes
+    if world > 1 and backend == "unsloth":  # Unsloth is the single-GPU path (ft.backends.choose's rule)
+        if settings.train.backend == "unsloth":
+            raise FtError(f"train.backend: unsloth runs on one GPU; for {world} processes use hf or auto")
+        backend, reason = "hf", f"auto: {world} processes (Unsloth is the single-GPU path)"
     kw = _settings_inputs(settings, device)
     kw.update(
         backend=backend, seq_len=t.max_seq_length, gpu_memory_bytes=device.memory_bytes if device else None
@@ -282,6 +304,23 @@ def size_report(
     tps = probe_result.get("tokens_per_s") if probe_result else None
     eta = _eta(settings, shape, est, device, data_stats, tps)
     eval_info = _eval_report(settings, shape, est, device)
+    ranks = None
+    if nproc is not None:
+        from ft.sizing.ranks import ranks_report
+
+        ranks = ranks_report(
+            settings,
+            shape,
+            kw,
+            est,
+            eta,
+            device,
+            nproc=nproc,
+            nodes=nodes,
+            distributed=distributed,
+            interconnect=interconnect,
+            micro_batch=micro_batch,
+        )
     name = m.name_or_path if shape.name in ("model", m.name_or_path) else f"{m.name_or_path} [{shape.name}]"
     return SizeReport(
         name,
@@ -297,6 +336,7 @@ def size_report(
         eta,
         probe_result,
         eval_info,
+        ranks,
     )
 
 
@@ -406,6 +446,10 @@ def probe(settings, steps: int = 3, *, micro_batch: int | None = None) -> dict[s
             processing_class=loaded.tokenizer,
             callbacks=[Measure()],
         )
+        if t.packing and name == "hf":  # measured in the layout `ft train` packs in (ft.train.packing)
+            from ft.train.packing import keep_sequences_apart
+
+            keep_sequences_apart(trainer)
         trainer.train()
     inner = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
     fwd = inner.__dict__.get("forward")

@@ -43,7 +43,7 @@ from ft.fsutil import (
     write_json,
     write_text,
 )
-from ft.train import signals
+from ft.train import distributed, packing, signals
 
 CHECKPOINT_MARKER = "ft-checkpoint.json"
 CHECKPOINT_PREFIX = "step-"
@@ -83,8 +83,12 @@ def started() -> bool:
 
 
 def _test_kill_armed(where: str, step: int, phase: str) -> bool:
-    """Test-only: is FT_TEST_KILL_AT set to this point? (Never set outside tests/test_resume.py.)"""
-    return os.environ.get("FT_TEST_KILL_AT") == f"{where}:{step}:{phase}"
+    """Test-only: is FT_TEST_KILL_AT set to this point? (Never set outside tests/test_resume.py and
+    tests/test_distributed.py; FT_TEST_KILL_RANK, when set, arms it on that rank only.)"""
+    if os.environ.get("FT_TEST_KILL_AT") != f"{where}:{step}:{phase}":
+        return False
+    only = os.environ.get("FT_TEST_KILL_RANK")
+    return only is None or only == os.environ.get("RANK", "0")
 
 
 def _test_kill_point(where: str, step: int, phase: str) -> None:
@@ -136,7 +140,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def check_resume_compatible(
-    marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool
+    marker: dict[str, Any], recipe: dict[str, Any], data_sha256: str, *, force: bool, world_size: int = 1
 ) -> list[str]:
     """Refuse to resume a checkpoint made from another recipe or other data, unless forced.
 
@@ -150,6 +154,8 @@ def check_resume_compatible(
         )
     if marker.get("data_sha256") != data_sha256:
         problems.append(f"data changed (sha256 {str(marker.get('data_sha256'))[:12]} -> {data_sha256[:12]})")
+    if int(marker.get("world_size", 1)) != world_size:  # each rank's share of a step, and the data order
+        problems.append(f"processes changed ({marker.get('world_size', 1)} -> {world_size})")
     if problems and not force:
         raise FtError(
             f"cannot resume from {marker.get('checkpoint', 'checkpoint')}: " + " and ".join(problems),
@@ -222,6 +228,8 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
             self.tokens_last = 0
 
         def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:  # one bar and one metrics file per run, rank 0's
+                return
             # In a log file (CI, `docker compose run -T`) redraw rarely instead of on every step.
             interval = 0.2 if sys.stderr.isatty() else 15.0
             self.bar = tqdm(
@@ -246,6 +254,8 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
                 self.bar.update(state.global_step - self.bar.n)
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:  # the logged loss is already averaged over the ranks
+                return
             logs = dict(logs or {})
             now = time.perf_counter()
             row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
@@ -260,6 +270,8 @@ def _callbacks(run_dir: Path, total_steps_hint: int | None):
                     tokens_per_s=round(tokens / dt, 1),
                     tokens_seen=state.num_input_tokens_seen,
                 )
+                # real tokens (no padding) per optimizer step and padding's share (ft.train.packing)
+                row.update({k: logs[k] for k in ("tokens_per_step", "padding_share") if k in logs})
                 import torch
 
                 if torch.cuda.is_available():  # report.html: memory over time, measured vs `ft size` peak
@@ -321,6 +333,21 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
     """Subclass the backend's trainer so every checkpoint is staged, fsynced, marked and renamed."""
 
     class AtomicCheckpointTrainer(base_cls):
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Several CPU processes: Accelerate names each one's device `cpu:<n>` and transformers passes
+            # it to torch.load as map_location, which torch cannot map to ("don't know how to restore data
+            # location ... cpu:0"). The tensors belong on the CPU anyway: load them with plain `cpu`.
+            device = self.args.device
+            if checkpoint is None or device.type != "cpu" or device.index is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            import torch
+
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                self.args.__dict__["_setup_devices"] = device
+
         def _save_optimizer_and_scheduler(self, output_dir):
             # The weights are in the staging directory by now; optimizer, scheduler and RNG are not.
             _test_kill_point("checkpoint", self.state.global_step, "between-files")
@@ -331,7 +358,9 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
             step = self.state.global_step
             final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
             staging_parent = root / f".staging-{step:06d}.partial"
-            shutil.rmtree(staging_parent, ignore_errors=True)
+            if distributed.is_main():
+                shutil.rmtree(staging_parent, ignore_errors=True)
+            distributed.barrier()  # the staging directory is empty before any rank writes its part
             try:
                 self._stage_checkpoint(model, trial, staging_parent, final, step)
             except Exception as exc:
@@ -348,16 +377,37 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
                     hint="free some space, then continue with `ft train --resume auto`",
                 ) from exc
             _test_kill_point("checkpoint", step, "before-prune")
-            prune_checkpoints(run_dir, keep_last, step)
+            if distributed.is_main():
+                prune_checkpoints(run_dir, keep_last, step)
 
         def _stage_checkpoint(self, model, trial, staging_parent: Path, final: Path, step: int) -> None:
             original = self.args.output_dir
             self.args.output_dir = str(staging_parent)
             try:
-                super()._save_checkpoint(model, trial)  # writes staging_parent/checkpoint-<step>
+                # Writes staging_parent/checkpoint-<step>; under several processes rank 0 writes the weights,
+                # optimizer and trainer state and every rank its own rng_state_<rank>.pth.
+                super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = original
             written = staging_parent / f"checkpoint-{step}"
+            # Every rank's part is on disk before rank 0 marks the checkpoint, and no rank goes on (or
+            # could resume) before it is final; a rank that died never reaches the barrier, so no marker.
+            distributed.barrier()
+            if distributed.is_main():
+                self._finish_checkpoint(written, final, step)
+            distributed.barrier()
+
+        def _finish_checkpoint(self, written: Path, final: Path, step: int) -> None:
+            world = distributed.world_size()
+            missing = [
+                f"rng_state_{r}.pth" for r in range(world) if not (written / f"rng_state_{r}.pth").is_file()
+            ]
+            if world > 1 and missing:
+                raise FtError(
+                    f"{final}: {', '.join(missing)} missing from the checkpoint: the ranks do not share "
+                    f"{run_dir}",
+                    hint="put output.dir on storage every node sees (a shared volume)",
+                )
             marker = {
                 **marker_extra,
                 "checkpoint": final.name,
@@ -366,6 +416,7 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
                 "micro_batch": self.args.per_device_train_batch_size,
                 "grad_accum": self.args.gradient_accumulation_steps,
                 "tokens_seen": self.state.num_input_tokens_seen,
+                "world_size": world,
                 "files": sorted(p.name for p in written.iterdir()),
             }
             fsync_tree(written)
@@ -376,7 +427,7 @@ def _atomic_checkpoint_trainer(base_cls, run_dir: Path, marker_extra: dict[str, 
                 shutil.rmtree(_discard(final))
             os.replace(written, final)
             fsync_dir(final.parent)
-            shutil.rmtree(staging_parent, ignore_errors=True)
+            shutil.rmtree(written.parent, ignore_errors=True)
 
     return AtomicCheckpointTrainer
 
@@ -390,9 +441,8 @@ def _to_dataset(rows: list[dict[str, Any]], fingerprint: str | None = None):
     # The fingerprint is given, not computed: `datasets` would hash the whole table to make one, which
     # transiently costs about six times the table (0.45 GB for 75,000 chat rows; benchmarks/scale_rss.py).
     fingerprint = fingerprint or generate_random_fingerprint()
-    columns = {
-        key: pa.array([r[key] for r in rows], type=pa.list_(pa.int64())) for key in ("input_ids", "labels")
-    }
+    keys = ("input_ids", "labels") + (("seq_lengths",) if rows and "seq_lengths" in rows[0] else ())  # packed
+    columns = {key: pa.array([r[key] for r in rows], type=pa.list_(pa.int64())) for key in keys}
     return Dataset(InMemoryTable(pa.table(columns)), fingerprint=fingerprint)
 
 
@@ -450,6 +500,8 @@ def build_sft_config(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         completion_only_loss=False,
+        **packing.sft_config_fields(settings),
+        **distributed.trainer_args(settings),
     )
 
 
@@ -511,19 +563,22 @@ def _train(
 
     from ft import backends
 
-    remove_stale_partials(run_dir)  # e.g. an adapter whose write was killed
-    remove_stale_partials(run_dir / "checkpoints")
+    main, world = distributed.is_main(), distributed.world_size()
+    if main:  # rank 0 alone changes the run directory; the others look once it is done
+        remove_stale_partials(run_dir)  # e.g. an adapter whose write was killed
+        remove_stale_partials(run_dir / "checkpoints")
+    distributed.barrier()
     recipe = settings.to_dict()
     start_from = find_resume_point(run_dir, resume)
     forced: list[str] = []
     if start_from is not None:
         marker = read_marker(start_from)
-        forced = check_resume_compatible(marker, recipe, data_sha256, force=force)
+        forced = check_resume_compatible(marker, recipe, data_sha256, force=force, world_size=world)
         micro_batch = int(marker.get("micro_batch", micro_batch))  # keep the data order of the original run
-    # Rows logged after the checkpoint (or by an attempt that never reached one) will be logged again.
-    rewind_metrics(run_dir, int(marker.get("step", 0)) if start_from is not None else 0)
+    if main:  # rows logged after the checkpoint (or by an attempt that never reached one) come again
+        rewind_metrics(run_dir, int(marker.get("step", 0)) if start_from is not None else 0)
 
-    accum = max(1, settings.train.effective_batch // micro_batch)
+    accum = max(1, settings.train.effective_batch // (micro_batch * world))  # effective_batch spans ranks
     impl = backends.get(backend)
     seed_everything(settings.train.seed, settings.train.deterministic)
     loaded = impl.load_for_training(settings, device)
@@ -532,11 +587,15 @@ def _train(
 
     config = build_sft_config(settings, run_dir, device, micro_batch, accum, loaded.dtype, bool(eval_rows))
     trainer_cls = _atomic_checkpoint_trainer(
-        impl.trainer_class(),
+        packing.counting_trainer(impl.trainer_class()),
         run_dir,
         {"recipe": recipe, "recipe_sha256": settings.sha256, "data_sha256": data_sha256, "backend": backend},
         settings.train.keep_last,
     )
+    if settings.train.packing:
+        train_rows = packing.pack_rows(train_rows, settings.train.max_seq_length)
+        packing.without_kv_cache(loaded.model)
+        packing.quiet_checked_warnings()
     trainer = trainer_cls(
         model=loaded.model,
         args=config,
@@ -548,6 +607,7 @@ def _train(
         callbacks=[
             *((_announce_resume(run_dir, TrainerCallback),) if resuming_run else ()),
             *(callbacks := _callbacks(run_dir, None)),
+            *((distributed.stop_agreement(stop),) if world > 1 else ()),
             signals.stop_callback(stop),  # last: after the test pause point that waits for the signal
         ],
     )
@@ -555,6 +615,8 @@ def _train(
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if settings.train.packing and backend == "hf":  # Unsloth reads `seq_lengths` into its own kernels
+        packing.keep_sequences_apart(trainer)
 
     t0 = time.perf_counter()
     try:
@@ -562,7 +624,8 @@ def _train(
         train_loss = _finite(output.training_loss)
     except _AlreadyTrained:
         train_loss = None
-        if eval_rows and not _eval_logged_at(run_dir, trainer.state.global_step):
+        logged = distributed.broadcast(main and _eval_logged_at(run_dir, trainer.state.global_step))
+        if eval_rows and not logged:
             trainer.evaluate()  # the end-of-training evaluation the kill cut off, logged as it would have been
     finally:
         stop.stage = "finishing"
@@ -573,7 +636,8 @@ def _train(
     if stop.requested:
         raise _interrupted(run_dir, stop.signum, trainer.state)
 
-    prune_checkpoints(run_dir, settings.train.keep_last)  # in case a kill came before the last prune
+    if main:
+        prune_checkpoints(run_dir, settings.train.keep_last)  # in case a kill came before the last prune
     card = {
         "run": run_dir.name,
         "steps": trainer.state.global_step,
@@ -586,7 +650,14 @@ def _train(
         "data_sha256": data_sha256,
         "data_files": _data_files(run_dir),
     }
-    adapter_dir = save_adapter(trainer, loaded, run_dir, settings=settings, card=card)
+    # FSDP holds a shard of every weight on each rank: gather the full state dict (a collective, as
+    # transformers' Trainer.save_model does) for rank 0 to write.
+    full = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    if main:
+        adapter_dir = save_adapter(trainer, loaded, run_dir, settings=settings, card=card, state_dict=full)
+    else:
+        adapter_dir = run_dir / "adapter"
+    distributed.barrier()  # the adapter is on disk before any rank reports the run trained
     return TrainResult(
         adapter_dir=adapter_dir,
         backend=backend,
@@ -604,6 +675,7 @@ def _train(
             "dtype": loaded.dtype,
             "quantization": loaded.quantization,
             **({"forced_resume": forced} if forced else {}),
+            **({"distributed": distributed.describe(settings, micro_batch, accum)} if world > 1 else {}),
         },
     )
 
@@ -611,6 +683,8 @@ def _train(
 def _announce_resume(run_dir: Path, base):
     class AnnounceResume(base):
         def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
             print(
                 f"resuming run {run_dir.name} from step {state.global_step} of {state.max_steps}", flush=True
             )
@@ -645,14 +719,19 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def save_adapter(trainer, loaded, run_dir: Path, *, settings=None, card: dict | None = None) -> Path:
-    """The adapter in PEFT format (safetensors) plus the tokenizer and a model card, written atomically."""
+def save_adapter(
+    trainer, loaded, run_dir: Path, *, settings=None, card: dict | None = None, state_dict=None
+) -> Path:
+    """The adapter in PEFT format (safetensors) plus the tokenizer and a model card, written atomically.
+    `state_dict`: the full weights gathered from FSDP shards (None: the model's own)."""
     from ft.fsutil import atomic_dir
     from ft.train import card as model_card
 
     final = run_dir / "adapter"
     with atomic_dir(final, replace=True) as staging:
-        trainer.model.save_pretrained(str(staging), safe_serialization=True)
+        trainer.model.save_pretrained(
+            str(staging), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {})
+        )
         _test_kill_point("adapter", trainer.state.global_step, "staged")
         loaded.tokenizer.save_pretrained(str(staging))
         if settings is not None:
