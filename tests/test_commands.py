@@ -57,7 +57,40 @@ def code_lines(markdown: str) -> list[str]:
             indented = False
             out += re.findall(r"`((?:[A-Z_]+=\S+ )*docker compose run[^`]*)`", line)
         previous_blank = not line.strip()
-    return [line.strip() for line in out if line.strip()]
+    return _join_continued([line.strip() for line in out if line.strip()])
+
+
+def _join_continued(lines: list[str]) -> list[str]:
+    """A command continued with a trailing backslash is one command."""
+    joined: list[str] = []
+    carry = ""
+    for line in lines:
+        if line.endswith("\\"):
+            carry += line[:-1].rstrip() + " "
+            continue
+        joined.append(carry + line)
+        carry = ""
+    return joined + ([carry.strip()] if carry else [])
+
+
+def ft_module_argv(tokens: list[str]) -> list[str] | None:
+    """The ft arguments of a launcher line that runs `... -m ft ARGS` (torchrun, accelerate, docker run)."""
+    for i in range(len(tokens) - 1):
+        if tokens[i] == "-m" and tokens[i + 1] == "ft":
+            return tokens[i + 2 :]
+    return None
+
+
+def _entrypoint_ft_argv(entrypoint: list[str]) -> list[str] | None:
+    """The ft arguments an entrypoint starts with: `ft ...`, or a `sh -c '... -m ft run "$@"'` wrapper."""
+    if entrypoint[:1] == ["ft"]:
+        return entrypoint[1:]
+    if entrypoint[:2] == ["sh", "-c"] and len(entrypoint) > 2:
+        words = shlex.split(entrypoint[2].replace("$$", "$"))
+        argv = ft_module_argv(words)
+        if argv is not None and argv[-1:] == ["$@"]:
+            return argv[:-1]
+    return None
 
 
 def comment_commands(text: str) -> list[str]:
@@ -167,9 +200,10 @@ def check_compose_run(tokens: list[str]) -> str | None:
         return f"compose.yaml has no service {name!r} (it has {', '.join(SERVICES)})"
     service = SERVICES[name]
     entrypoint = service.get("entrypoint") or []
-    if entrypoint[:1] != ["ft"]:
+    prefix = _entrypoint_ft_argv(entrypoint)
+    if prefix is None:
         return f"service {name!r}: entrypoint {entrypoint} is not ft"
-    argv = entrypoint[1:] + (rest or list(service.get("command") or []))
+    argv = prefix + (rest or list(service.get("command") or []))
     args, problem = parse_ft(argv)
     if problem:
         return f"runs `{shlex.join(['ft', *argv])}`: {problem}"
@@ -212,6 +246,9 @@ def check_line(line: str, sessions: set[str]) -> str | None:
                 problem = check_compose_run(sub[1:])
             elif sub[:1] not in (["config"], ["build"], ["down"], ["version"]):
                 problem = f"unchecked compose command {sub[:1]}"
+        elif head in ("torchrun", "accelerate") or tokens[:2] == ["docker", "run"]:
+            argv = ft_module_argv(tokens)
+            problem = check_ft(argv) if argv is not None else f"`{head}` line that does not run `-m ft`"
         elif head == "docker":
             if tokens[1:2] == ["build"]:
                 flavours = {a.split("=", 1)[1] for a in tokens if a.startswith("FLAVOUR=")}

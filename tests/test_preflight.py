@@ -323,3 +323,19 @@ def test_vram_need_from_the_sizing_model_and_never_raising():
     need = preflight.vram_need(tiny)
     assert need is not None and 0 < need < 80 * GiB
     assert preflight.vram_need(settings()) is None  # a settings slice sizing cannot read: no verdict
+
+
+def test_vram_need_under_torchrun_is_one_ranks_share(monkeypatch):
+    """With FSDP each rank holds a shard of the base: the preflight must not refuse a run that fits only
+    sharded, by comparing the whole model with one card."""
+    from ft.config import load_settings
+
+    fsdp = load_settings(
+        "default", ["model.name_or_path=qwen2.5-14b", "train.distributed=fsdp", "train.micro_batch=1"]
+    )
+    whole = preflight.vram_need(fsdp, backend=("hf", "test"))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    shard = preflight.vram_need(fsdp, backend=("hf", "test"))
+    assert whole is not None and shard is not None
+    assert shard < whole * 0.8, (shard / GiB, whole / GiB)

@@ -204,13 +204,26 @@ def fake_training(monkeypatch):
         "metrics": {"base": {}, "tuned": {"exact_match": 0.5}},
     }
 
-    def create_run(settings):
+    def check_data(settings):
+        """What the real check records of the files the rerun was pointed at: their sha256."""
+        from types import SimpleNamespace
+
+        from ft.config import resolve_path
+
+        files = [
+            {"role": "train", "name": p, "sha256": hashlib.sha256(resolve_path(p).read_bytes()).hexdigest()}
+            for p in settings.data.train
+        ]
+        return SimpleNamespace(settings=settings, check=SimpleNamespace(report={"files": files}))
+
+    def create_run(prep):
+        settings = prep.settings
         run_dir = Path(settings.output.dir) / settings.output.run_name
         run_dir.mkdir(parents=True)
         return run_dir
 
     monkeypatch.setattr(backends, "prepare", lambda settings: None)
-    monkeypatch.setattr(pipeline, "check_data", lambda settings: settings)
+    monkeypatch.setattr(pipeline, "check_data", check_data)
     monkeypatch.setattr(pipeline, "create_run", create_run)
     monkeypatch.setattr(pipeline, "train_stage", lambda *a, **k: None)
     monkeypatch.setattr(pipeline, "eval_stage", lambda prep, run_dir: report)

@@ -391,12 +391,25 @@ def vram_need(settings: Any, backend: tuple[str, str] | None = None) -> int | No
         from ft import sizing
 
         micro = 1 if settings.train.micro_batch == "auto" else None
+        # Under torchrun each rank holds its own share (FSDP shards the base): size one rank, not the run.
+        world = _env_int("WORLD_SIZE", 1)
+        nproc = _env_int("LOCAL_WORLD_SIZE", world)
+        per_rank = {"nproc": nproc, "nodes": max(1, world // max(1, nproc))} if world > 1 else {}
         report = sizing.size_report(
-            settings, micro_batch=micro, data_stats={"train_rows": 0}, backend=backend
+            settings, micro_batch=micro, data_stats={"train_rows": 0}, backend=backend, **per_rank
         )
+        if report.ranks is not None:
+            return int(report.ranks.rank.total_bytes)
         return int(report.estimate.total_bytes)
     except Exception:
         return None
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
 
 def _prepare_backend(settings: Any) -> tuple[str, str, str]:
