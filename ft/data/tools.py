@@ -119,17 +119,7 @@ def read_tools(value: Any, where: str = "tools") -> list[dict[str, Any]] | None:
         at = f"{where}[{i}]"
         if not isinstance(tool, dict):
             raise RowProblem(at, f"expected a function definition object, got {kind(tool)}")
-        if "function" in tool:
-            if tool.get("type", "function") != "function":
-                raise RowProblem(f"{at}.type", f"{show(tool['type'])}: only function tools are supported")
-            function, at = tool["function"], f"{at}.function"
-            if not isinstance(function, dict):
-                raise RowProblem(at, f"expected an object, got {kind(function)}")
-        else:
-            function = tool
-        name = function.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise RowProblem(f"{at}.name", "missing" if name is None else "expected a function name string")
+        function, at, name = _function(tool, at, "tools", "an object")
         if name in seen:
             raise RowProblem(f"{at}.name", f"{show(name)} is defined twice")
         seen.add(name)
@@ -160,18 +150,25 @@ def read_tool_calls(value: Any, where: str, names: list[str] | None) -> list[dic
     return calls
 
 
-def _call(call: dict[str, Any], at: str, names: list[str] | None) -> dict[str, Any]:
-    if "function" in call:
-        if call.get("type", "function") != "function":
-            raise RowProblem(f"{at}.type", f"{show(call['type'])}: only function calls are supported")
-        function, at = call["function"], f"{at}.function"
+def _function(obj: dict[str, Any], at: str, what: str, expected: str) -> tuple[dict[str, Any], str, str]:
+    """(function object, its field path, its name) of a tool or a call, OpenAI-wrapped (`{"type":
+    "function", "function": {...}}`) or bare."""
+    if "function" in obj:
+        if obj.get("type", "function") != "function":
+            raise RowProblem(f"{at}.type", f"{show(obj['type'])}: only function {what} are supported")
+        function, at = obj["function"], f"{at}.function"
         if not isinstance(function, dict):
-            raise RowProblem(at, f"expected an object with name and arguments, got {kind(function)}")
+            raise RowProblem(at, f"expected {expected}, got {kind(function)}")
     else:
-        function = call
+        function = obj
     name = function.get("name")
     if not isinstance(name, str) or not name.strip():
         raise RowProblem(f"{at}.name", "missing" if name is None else "expected a function name string")
+    return function, at, name
+
+
+def _call(call: dict[str, Any], at: str, names: list[str] | None) -> dict[str, Any]:
+    function, at, name = _function(call, at, "calls", "an object with name and arguments")
     if names is not None and name not in names:
         known = ", ".join(names) or "none"
         raise RowProblem(f"{at}.name", f"{show(name)} is not one of the row's tools ({known})")
