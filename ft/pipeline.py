@@ -40,6 +40,12 @@ def data_sha256(report: dict[str, Any]) -> str:
         "files": sorted((f.get("role", ""), f["sha256"]) for f in report.get("files", [])),
         "split": report.get("split", {}).get("eval_ids"),
     }
+    # A template chosen by data.chat_template renders the rows the model learns: a file edited in place
+    # under the same path is other training data. (The tokenizer's own is pinned by the model revision;
+    # leaving it out keeps the digests of runs made before the setting existed.)
+    template = ((report.get("tokenizer") or {}).get("chat_template")) or {}
+    if template.get("source") in ("named", "file"):
+        key["chat_template"] = template.get("sha256")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

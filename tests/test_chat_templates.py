@@ -258,3 +258,19 @@ def test_file_template_is_embedded_in_the_gguf_and_the_modelfile(file_run):
     assert [r["chat_template_embedded"] for r in rows if r["format"] == "f16"] == [True]
     modelfile = (export / "gguf" / "Modelfile").read_text()
     assert "<|im_start|>user (ft)\n" in modelfile and "<|im_start|>assistant (ft)\n" in modelfile
+
+
+def test_a_chosen_template_is_part_of_the_data_digest():
+    """Editing a template file in place (same path, same recipe hash) is other training data: a resume
+    must not take it for the same run. The tokenizer's own template leaves the digest as it was."""
+    from ft.pipeline import data_sha256
+
+    base = {"files": [{"role": "train", "sha256": "a" * 64}], "split": {"eval_ids": ["x:1"]}}
+
+    def with_template(source, sha):
+        return {**base, "tokenizer": {"chat_template": {"source": source, "sha256": sha}}}
+
+    assert data_sha256(with_template("tokenizer", "1" * 64)) == data_sha256(base)
+    assert data_sha256(with_template("file", "1" * 64)) != data_sha256(base)
+    assert data_sha256(with_template("file", "1" * 64)) != data_sha256(with_template("file", "2" * 64))
+    assert data_sha256(with_template("named", "1" * 64)) != data_sha256(base)
