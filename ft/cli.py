@@ -208,7 +208,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from ft import backends, pipeline
+    from ft.train import distributed
 
+    if not distributed.is_main():  # started by a launcher: rank 0 evaluates, as after `ft run`
+        return 0
     run_dir = Path(args.run_dir)
     settings = pipeline.settings_of_run(run_dir)
     meta = pipeline.read_run(run_dir)

@@ -351,3 +351,15 @@ def test_a_rank_other_than_0_builds_the_whole_tiny_model(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_build_in_rank, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+
+
+def test_ft_eval_under_a_launcher_evaluates_once_on_rank_0(tmp_path, monkeypatch):
+    """`torchrun ... -m ft eval RUN` must not evaluate (and write eval/) once per rank."""
+    from ft.cli import main
+
+    missing = str(tmp_path / "no-such-run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["eval", missing]) == 0  # not rank 0: nothing to do, nothing read or written
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", missing]) == 2  # rank 0 does the work (here: says the run is missing)
