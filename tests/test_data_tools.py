@@ -500,10 +500,7 @@ def test_tool_calls_recipe_data_passes_ft_data_check(tool_model_dir, capsys):
 
 def test_tool_calls_recipe_with_the_tiny_model_and_a_tool_template(tiny_model_dir, capsys):
     from ft.cli import main
-    from ft.config import DataSettings
 
-    if "chat_template" not in DataSettings.model_fields:
-        pytest.skip("data.chat_template is not in this tree")
     args = ["data", "check", "--recipe", "tool-calls", "--set", f"model.name_or_path={tiny_model_dir}"]
     assert main([*args, "--set", TINY_LENGTH, "--set", "data.chat_template=qwen2.5"]) == 0
     assert "84 rows call them" in capsys.readouterr().out

@@ -153,20 +153,12 @@ def test_run_command_starts_torchrun_from_skypilot_variables(tmp_path, data_file
     ]
 
 
-def _distributed_training_in() -> bool:
-    from ft.config import TrainSettings
-
-    return "distributed" in TrainSettings.model_fields and importlib.util.find_spec("ft.train.distributed")
-
-
 @pytest.mark.slow  # ~60-90 s on 2 shared cores: two ranks train, evaluate and package the tiny model
 def test_run_command_trains_two_cpu_processes_end_to_end(tmp_path, data_file, tiny_model_dir):
     """The task's run script, executed here: torchrun starts 2 CPU ranks of `ft run`; one bundle.
 
     tiny_model_dir: the tiny model is built before the ranks start (FT_CACHE passes through), as the
     image has its models before the task runs."""
-    if not _distributed_training_in():
-        pytest.xfail("multi-process training (train.distributed) is not in this tree yet")
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
     p = launch.plan(
